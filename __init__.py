@@ -1,0 +1,1 @@
+"""tml: recommendation ranking and graph embeddings on PyTorch + TorchRec."""
