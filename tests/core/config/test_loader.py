@@ -1,0 +1,160 @@
+from typing import ClassVar
+
+import pytest
+
+from tml.core.config.base import BaseConfig, which_one
+from tml.core.config.loader import ConfigError, dump_config, load_config, save_config
+
+pytestmark = pytest.mark.unit
+
+
+class Adam(BaseConfig):
+    beta_1: float = 0.9
+
+
+class Sgd(BaseConfig):
+    momentum: float = 0.0
+
+
+class Optimizer(BaseConfig):
+    exactly_one_of: ClassVar = (("adam", "sgd"),)
+    adam: Adam | None = None
+    sgd: Sgd | None = None
+
+
+class Head(BaseConfig):
+    layer_sizes: list[int]
+    pos_weight: float = 1.0
+
+
+class Training(BaseConfig):
+    save_dir: str
+    num_train_steps: int = 10
+
+
+class Root(BaseConfig):
+    at_most_one_of: ClassVar = (("warm_start", "resume_from"),)
+    training: Training
+    tasks: dict[str, Head] = {}
+    optimizer: Optimizer = Optimizer(adam=Adam())
+    warm_start: str | None = None
+    resume_from: str | None = None
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+training:
+  save_dir: ${RUN_DIR}/x
+tasks:
+  recap.engagement.is_favorited: {layer_sizes: [4, 1]}
+optimizer:
+  sgd: {momentum: 0.5}
+"""
+
+
+def test_loads_substitutes_env_and_overrides(tmp_path):
+    path = write(tmp_path, GOOD)
+    config = load_config(
+        Root,
+        path,
+        ["training.num_train_steps=100", "tasks.recap.engagement.is_favorited.pos_weight=2", "training.save_dir=/a"],
+        env={"RUN_DIR": "/runs"},
+    )
+    assert config.training.num_train_steps == 100
+    assert config.training.save_dir == "/a"
+    assert config.tasks["recap.engagement.is_favorited"].pos_weight == 2.0
+    assert which_one(config.optimizer, ("adam", "sgd")) == ("sgd", Sgd(momentum=0.5))
+    assert load_config(Root, path, env={"RUN_DIR": "/runs"}).training.save_dir == "/runs/x"
+
+
+def test_override_yaml_values_and_new_dict_key(tmp_path):
+    path = write(tmp_path, GOOD)
+    config = load_config(
+        Root, path, ["tasks.new={layer_sizes: [2]}", "optimizer={adam: {beta_1: 0.95}}"], env={"RUN_DIR": "r"}
+    )
+    assert config.tasks["new"].layer_sizes == [2]
+    assert config.optimizer.adam.beta_1 == 0.95
+
+
+def test_missing_env_variable_is_named(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"c.yaml line 3: environment variable \$\{RUN_DIR\} is not set"):
+        load_config(Root, path, env={})
+
+
+def test_override_of_unknown_key_lists_valid_keys(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"'training' has no key 'num_steps'; valid keys: save_dir, num_train_steps"):
+        load_config(Root, path, ["training.num_steps=1"], env={"RUN_DIR": "r"})
+    with pytest.raises(ConfigError, match=r"'tasks' has no key 'nope'; valid keys: recap.engagement.is_favorited"):
+        load_config(Root, path, ["tasks.nope.pos_weight=1"], env={"RUN_DIR": "r"})
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        load_config(Root, path, ["training.num_train_steps"], env={"RUN_DIR": "r"})
+
+
+def test_typo_in_nested_key_names_file_path_and_valid_keys(tmp_path):
+    path = write(tmp_path, "training: {save_dir: x}\ntasks:\n  fav: {layer_sizes: [1], pos_wieght: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Root, path)
+    message = str(err.value)
+    assert path in message
+    assert "tasks.fav.pos_wieght: unknown key 'pos_wieght'; valid keys: layer_sizes, pos_weight" in message
+
+
+def test_wrong_type_and_missing_field(tmp_path):
+    path = write(tmp_path, "training: {num_train_steps: lots}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Root, path)
+    message = str(err.value)
+    assert "training.save_dir: Field required" in message
+    assert "training.num_train_steps: Input should be a valid integer" in message
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    path = write(tmp_path, "training:\n  save_dir: x\n  bad: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml line \d+ column \d+: invalid YAML"):
+        load_config(Root, path)
+    path = write(tmp_path, "training: {save_dir: x}\ntraining: {save_dir: y}\n", "dup.yaml")
+    with pytest.raises(ConfigError, match="dup.yaml line 2: duplicate key 'training'"):
+        load_config(Root, path)
+    path = write(tmp_path, "- 1\n- 2\n", "list.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Root, path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Root, str(tmp_path / "absent.yaml"))
+
+
+def test_exactly_one_and_at_most_one_groups(tmp_path):
+    path = write(tmp_path, "training: {save_dir: x}\noptimizer: {adam: {}, sgd: {}}\n")
+    with pytest.raises(ConfigError, match=r"optimizer: exactly one of \[adam, sgd\] must be set, got: adam, sgd"):
+        load_config(Root, path)
+    path = write(tmp_path, "training: {save_dir: x}\noptimizer: {}\n")
+    with pytest.raises(ConfigError, match=r"exactly one of \[adam, sgd\] must be set, got: none"):
+        load_config(Root, path)
+    path = write(tmp_path, "training: {save_dir: x}\nwarm_start: a\nresume_from: b\n")
+    with pytest.raises(ConfigError, match=r"at most one of \[warm_start, resume_from\] may be set"):
+        load_config(Root, path)
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    config = load_config(Root, write(tmp_path, GOOD), env={"RUN_DIR": "r"})
+    out = tmp_path / "run" / "config.yaml"
+    save_config(config, str(out))
+    assert load_config(Root, str(out)) == config
+    assert "recap.engagement.is_favorited" in dump_config(config)
+
+
+def test_fsspec_url(tmp_path):
+    import fsspec
+
+    with fsspec.open("memory://configs/c.yaml", "w") as f:
+        f.write("training: {save_dir: m}\n")
+    assert load_config(Root, "memory://configs/c.yaml").training.save_dir == "m"
