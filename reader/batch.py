@@ -29,13 +29,13 @@ class RecapBatch:
     Args:
         dense: named dense tensors, each [B, width] (`continuous`, `binary`, `discrete`, embedding vectors...).
         labels: [B, T] float32, one column per task in the order the reader was given the task names.
-        weights: [B] float32 example weights.
+        weights: [B, T] float32 per-task example weights (weight column x that task's downsampling weight).
         sparse: KeyedJaggedTensor of sparse id features, or None.
         ids: passthrough id columns, each [B] int64.
 
     Example:
         batch = RecapBatch(dense={"continuous": torch.zeros(4, 3)}, labels=torch.zeros(4, 2),
-                           weights=torch.ones(4))
+                           weights=torch.ones(4, 2))
         batch = batch.to(torch.device("cpu"), non_blocking=True)
     """
 
