@@ -1,0 +1,263 @@
+"""Config sections of the Parquet reader (`train_data:` / `validation_data:` in a project YAML).
+
+The keys follow the original's `train_data` section (`inputs`, `global_batch_size`, `seg_dense_schema`,
+`tasks`, `evaluation_tasks`, `preprocess.truncate_and_slice`), with additions for Parquet: named scalar
+column groups, sparse id features, id passthrough, shuffling, epochs and background decoding.
+Every option is documented in docs/reader.md.
+
+Example:
+    config = DataConfig(
+        inputs="data/train/*.parquet",
+        global_batch_size=512,
+        seg_dense_schema=SegDenseSchema(features=[SegDenseFeature(name="continuous", length=8)]),
+        tasks={"recap.engagement.is_favorited": TaskData(neg_downsampling_rate=0.1)},
+    )
+    dense_widths(config)  # {"continuous": 8}
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import pydantic
+
+from tml.core.config.base import BaseConfig
+
+
+class TaskData(BaseConfig):
+    """Downsampling rates of one task's label (used to reweight validation data)."""
+
+    pos_downsampling_rate: float = pydantic.Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of positive examples kept when the data was sampled."
+    )
+    neg_downsampling_rate: float = pydantic.Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of negative examples kept when the data was sampled."
+    )
+
+
+class SegDenseFeature(BaseConfig):
+    """One fixed-length vector column of the segdense layout."""
+
+    name: str = pydantic.Field(description="Logical name: the key of this tensor in `batch.dense`.")
+    length: int = pydantic.Field(gt=0, description="Number of values per row (the list length in the files).")
+    dtype: Literal["float32", "int64"] = pydantic.Field(
+        "float32",
+        description="dtype of the batch tensor. float32 accepts numeric columns (cast); int64 accepts "
+        "integer or boolean columns only.",
+    )
+
+
+class SegDenseSchema(BaseConfig):
+    """The original's "segdense" layout: a few fixed-size list columns instead of thousands of features."""
+
+    exactly_one_of: ClassVar = (("features", "schema_path"),)
+
+    features: list[SegDenseFeature] | None = pydantic.Field(
+        None, description="The features inline (exclusive with schema_path)."
+    )
+    schema_path: str | None = pydantic.Field(
+        None,
+        description="YAML or JSON file (local path or fsspec URL) holding the same list of "
+        "{name, length, dtype} entries (exclusive with features).",
+    )
+    renamed_features: dict[str, str] = pydantic.Field(
+        default_factory=dict,
+        description="Logical feature name (what the model sees) -> column name in the files.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _check_inline(self) -> SegDenseSchema:
+        if self.features is not None:
+            check_segdense_features(self.features, self.renamed_features, source="seg_dense_schema.features")
+        return self
+
+
+def check_segdense_features(
+    features: list[SegDenseFeature], renamed_features: dict[str, str], source: str
+) -> None:
+    """Reject duplicate names and renames of unknown features; `source` names where the list came from."""
+    names = [feature.name for feature in features]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: duplicate feature names {duplicates}")
+    unknown = sorted(set(renamed_features) - set(names))
+    if unknown:
+        raise ValueError(
+            f"seg_dense_schema.renamed_features names unknown features {unknown}; the features of "
+            f"{source} are {names}"
+        )
+    columns = [renamed_features.get(name, name) for name in names]
+    clashing = sorted({column for column in columns if columns.count(column) > 1})
+    if clashing:
+        raise ValueError(f"seg_dense_schema.renamed_features maps several features onto columns {clashing}")
+
+
+class DenseColumnGroup(BaseConfig):
+    """Named scalar columns gathered into one [B, len(columns)] tensor of `batch.dense`."""
+
+    name: str = pydantic.Field(description="Key of the gathered tensor in `batch.dense`.")
+    columns: list[str] = pydantic.Field(min_length=1, description="Scalar numeric columns, in this order.")
+    dtype: Literal["float32", "int64"] = pydantic.Field(
+        "float32", description="dtype of the gathered tensor (int64 accepts integer/boolean columns only)."
+    )
+
+
+class SparseFeature(BaseConfig):
+    """A sparse id feature, delivered as one key of the KeyedJaggedTensor `batch.sparse`.
+
+    The column is int64 or string (one id per row) or a list of those (multi-hot, any number per row).
+    Strings are hashed with a stable 64-bit FNV-1a hash (same on every run and machine).
+    """
+
+    name: str = pydantic.Field(description="Key of this feature in the KeyedJaggedTensor.")
+    column: str = pydantic.Field(
+        description="Column in the files: int64, string, list<int64> or list<string>."
+    )
+    num_buckets: int | None = pydantic.Field(
+        None, gt=0, description="When set, ids (hashed or not) are taken modulo this (non-negative result)."
+    )
+
+
+class TruncateAndSlice(BaseConfig):
+    """The original's truncate-then-slice of the `continuous` and `binary` segdense features."""
+
+    continuous_feature_truncation: int | None = pydantic.Field(
+        None, gt=0, description="Keep only the first N values of the `continuous` feature."
+    )
+    binary_feature_truncation: int | None = pydantic.Field(
+        None, gt=0, description="Keep only the first N values of the `binary` feature."
+    )
+    continuous_feature_mask_path: str | None = pydantic.Field(
+        None,
+        description=".npy or .txt file (local or fsspec URL) of int indices of `continuous` kept after "
+        "truncation, in the order given.",
+    )
+    binary_feature_mask_path: str | None = pydantic.Field(
+        None, description="Like continuous_feature_mask_path, for the `binary` feature."
+    )
+
+
+class Preprocess(BaseConfig):
+    """Preprocessing applied by the reader before batches reach the model."""
+
+    truncate_and_slice: TruncateAndSlice | None = pydantic.Field(
+        None, description="Truncation and index masks of the `continuous` / `binary` features."
+    )
+    nan_policy: Literal["zero", "error", "keep"] = pydantic.Field(
+        "zero",
+        description="Non-finite dense float values (NaN, +-inf, null): 'zero' replaces them with 0 and counts "
+        "them in dataset.stats, 'error' raises naming the file and column, 'keep' passes them on.",
+    )
+
+
+class Shuffle(BaseConfig):
+    """Deterministic shuffling, reproducible from (seed, epoch)."""
+
+    seed: int = pydantic.Field(0, description="Seed of every shuffle; combined with the epoch number.")
+    shuffle_files: bool = pydantic.Field(
+        True, description="Shuffle the order of (file, row group) units every epoch."
+    )
+    buffer_size: int = pydantic.Field(
+        0,
+        ge=0,
+        description="Shuffle rows within windows of consecutive units holding at least this many rows "
+        "(0 = off). Bounds the extra memory to about one window.",
+    )
+
+
+class DataConfig(BaseConfig):
+    """One data source: where the Parquet files are and how to turn them into RecapBatch-es."""
+
+    inputs: str = pydantic.Field(
+        description="Glob ('data/train/*.parquet'), directory (all *.parquet below it), single file, or an "
+        "fsspec URL of those ('s3://bucket/train/*.parquet', 'memory://...')."
+    )
+    global_batch_size: int = pydantic.Field(
+        gt=0, description="Examples per step over all ranks; split evenly (must divide by the world size)."
+    )
+    seg_dense_schema: SegDenseSchema | None = pydantic.Field(
+        None, description="Fixed-size list columns delivered as dense tensors (the segdense layout)."
+    )
+    dense_columns: list[DenseColumnGroup] = pydantic.Field(
+        default_factory=list, description="Groups of scalar columns, each delivered as one dense tensor."
+    )
+    sparse_features: list[SparseFeature] = pydantic.Field(
+        default_factory=list, description="Sparse id features, delivered as one KeyedJaggedTensor."
+    )
+    tasks: dict[str, TaskData] = pydantic.Field(
+        default_factory=dict,
+        description="Label column name (== task name) -> downsampling rates. Tasks left out have rate 1.",
+    )
+    evaluation_tasks: list[str] = pydantic.Field(
+        default_factory=list,
+        description="Tasks the evaluation loop reports metrics for (empty: all the model's tasks).",
+    )
+    weight_column: str | None = pydantic.Field(
+        None, description="Numeric column of per-example weights (multiplies every task's weight)."
+    )
+    id_columns: list[str] = pydantic.Field(
+        default_factory=list,
+        description="Integer columns passed through as int64 [B] tensors in batch.ids (e.g. meta.user_id).",
+    )
+    preprocess: Preprocess = pydantic.Field(default_factory=Preprocess, description="Preprocessing.")
+    shuffle: Shuffle = pydantic.Field(default_factory=Shuffle, description="Shuffling of units and rows.")
+    num_epochs: int | None = pydantic.Field(
+        None, gt=0, description="Passes over the data; None repeats forever."
+    )
+    num_workers: int = pydantic.Field(2, ge=1, description="Background threads decoding row groups.")
+    prefetch_batches: int = pydantic.Field(
+        4, ge=1, description="Capacity of the queue of ready batches (bounds memory)."
+    )
+    skip_unreadable_files: bool = pydantic.Field(
+        False,
+        description="Files that are not Parquet or are truncated are skipped, counted "
+        "(dataset.stats['unreadable_files']) and logged instead of failing.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _check_consistency(self) -> DataConfig:
+        dense_names = [group.name for group in self.dense_columns]
+        if self.seg_dense_schema is not None and self.seg_dense_schema.features is not None:
+            dense_names += [feature.name for feature in self.seg_dense_schema.features]
+        clashing = sorted({name for name in dense_names if dense_names.count(name) > 1})
+        if clashing:
+            raise ValueError(
+                f"dense tensor names {clashing} are used twice (seg_dense_schema / dense_columns)"
+            )
+        sparse_names = [feature.name for feature in self.sparse_features]
+        clashing = sorted({name for name in sparse_names if sparse_names.count(name) > 1})
+        if clashing:
+            raise ValueError(f"sparse_features: duplicate names {clashing}")
+        truncation = self.preprocess.truncate_and_slice
+        if truncation is not None:
+            if self.seg_dense_schema is None:
+                raise ValueError(
+                    "preprocess.truncate_and_slice needs seg_dense_schema (it cuts its features)"
+                )
+            if self.seg_dense_schema.features is not None:
+                lengths = {feature.name: feature.length for feature in self.seg_dense_schema.features}
+                check_truncation(truncation, lengths, source="seg_dense_schema.features")
+        return self
+
+
+def check_truncation(truncation: TruncateAndSlice, lengths: dict[str, int], source: str) -> None:
+    """Each truncation / mask must target an existing feature, no longer than that feature."""
+    for feature in ("continuous", "binary"):
+        cut = getattr(truncation, f"{feature}_feature_truncation")
+        mask = getattr(truncation, f"{feature}_feature_mask_path")
+        if cut is None and mask is None:
+            continue
+        key = f"preprocess.truncate_and_slice.{feature}_feature_" + ("truncation" if cut else "mask_path")
+        if feature not in lengths:
+            raise ValueError(
+                f"{key} is set but {source} has no feature named '{feature}' ({sorted(lengths)})"
+            )
+        if cut is not None and cut > lengths[feature]:
+            raise ValueError(f"{key} = {cut} exceeds the length {lengths[feature]} of feature '{feature}'")
+
+
+def dense_widths(config: DataConfig) -> dict[str, int]:
+    """Width of every `batch.dense` tensor, from the config alone (schema files and masks are read)."""
+    from tml.reader.schema import resolve_dense_specs
+
+    return {spec.name: spec.width for spec in resolve_dense_specs(config)}

@@ -1,0 +1,111 @@
+"""Sparse id columns -> flat int64 ids + row offsets, and the KeyedJaggedTensor built from them.
+
+A column is int, string, or a list of either (multi-hot). For n rows the result is `values` [N] int64 and
+`offsets` [n + 1] (row i owns values[offsets[i]:offsets[i + 1]]). Null rows and null ids are dropped.
+Strings are hashed with 64-bit FNV-1a, vectorized over the distinct strings: the same id on every run
+and machine (python's hash() is salted per process). Ids are taken modulo `num_buckets` when set.
+
+Example:
+    values, offsets = decode_sparse(pa.array([["a", "b"], [], ["a"]]), SparseSpec("f", "col", 100), "x.parquet")
+    kjt = build_kjt(["f"], [values], [lengths])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_POSITIVE = np.uint64(0x7FFFFFFFFFFFFFFF)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSpec:
+    """One KJT key: `name`, read from `column`, ids modulo `num_buckets` (None: as they are)."""
+
+    name: str
+    column: str
+    num_buckets: int | None = None
+
+
+def _is_string(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
+
+
+def _id_type_ok(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or _is_string(dtype)
+
+
+def sparse_type_ok(dtype: pa.DataType) -> bool:
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        return _id_type_ok(dtype.value_type)
+    return _id_type_ok(dtype)
+
+
+def stable_hash(strings: pa.Array) -> np.ndarray:
+    """FNV-1a 64 of each (non-null) string's UTF-8 bytes, as a non-negative int64 array."""
+    encoded = pc.dictionary_encode(strings.cast(pa.large_string()))
+    unique = encoded.dictionary
+    buffers = unique.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64)[unique.offset : unique.offset + len(unique) + 1]
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    hashes = np.full(len(unique), _FNV_OFFSET, dtype=np.uint64)
+    # One vectorized step per byte position over the strings that are at least that long.
+    for position in range(int(lengths.max(initial=0))):
+        active = np.flatnonzero(lengths > position)
+        byte = data[starts[active] + position].astype(np.uint64)
+        hashes[active] = (hashes[active] ^ byte) * _FNV_PRIME
+    hashed = (hashes & _POSITIVE).astype(np.int64)
+    return hashed[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _ids(values: pa.Array) -> np.ndarray:
+    if _is_string(values.type):
+        return stable_hash(values)
+    return values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def decode_sparse(array: pa.Array, spec: SparseSpec, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N] int64, offsets [n + 1] int64) of one sparse column of n rows."""
+    n = len(array)
+    if (
+        pa.types.is_list(array.type)
+        or pa.types.is_large_list(array.type)
+        or pa.types.is_fixed_size_list(array.type)
+    ):
+        lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = array.flatten()
+    else:
+        lengths = np.ones(n, dtype=np.int64)
+        values = array
+    if values.null_count:
+        valid = values.is_valid().to_numpy(zero_copy_only=False)
+        rows = np.repeat(np.arange(n), lengths)
+        lengths = np.bincount(rows[valid], minlength=n).astype(np.int64)
+        values = values.filter(pa.array(valid))
+    ids = _ids(values) if len(values) else np.zeros(0, dtype=np.int64)
+    if spec.num_buckets is not None:
+        ids = np.mod(ids, spec.num_buckets)
+    if not ids.flags.writeable:  # a zero-copy view of Arrow memory; torch wants writable arrays
+        ids = ids.copy()
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    assert offsets[-1] == len(ids), f"{path}: {spec.column}: offsets disagree with values"
+    return torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(offsets)
+
+
+def build_kjt(keys: list[str], values: list[torch.Tensor], lengths: list[torch.Tensor]):
+    """KeyedJaggedTensor with `keys` in order; lengths[k] is [B] per key. Imports torchrec here only."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
+        lengths=torch.cat(lengths).to(torch.int32) if lengths else torch.zeros(0, dtype=torch.int32),
+    )
