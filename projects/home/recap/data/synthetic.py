@@ -1,0 +1,295 @@
+"""Synthetic recap training data with real signal, in exactly the Parquet schema a DataConfig reads.
+
+Columns written (N = rows; see docs/data.md):
+- each segdense feature: a fixed-size list column (named by `renamed_features`) of its dtype; the role
+  follows the logical name: `*continuous*` heavy-tailed values with NaN, `*binary*` 0/1, `*discrete*` (or
+  any other int64 feature) categories in [0, 100), any other float32 feature an embedding vector;
+- each `dense_columns` column: a scalar heavy-tailed column (float32 with NaN, or int64 counts);
+- each sparse feature column: int64 ids in [0, min(num_buckets or 100000, 1000000)), power-law popular;
+- each `id_columns` column: int64 ids (one column when it is also a sparse column);
+- one int64 0/1 label column per `tasks` key, drawn from the label function in labels.py;
+- `weight_column` (float32 ones) when set.
+Rows of a task with downsampling rates < 1 are kept with probability max over tasks of
+(pos_downsampling_rate if label else neg_downsampling_rate), as the original's data was sampled (rows with
+no engagement kept at the negative rate); the written counts then fall below `num_examples`.
+
+Example:
+    auc = generate(config.train_data, num_examples=100_000, output_dir="data/train", seed=0)
+    # {"recap.engagement.is_favorited": 0.83, ...}, also in data/train/oracle_auc.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tml.projects.home.recap.data.features import (
+    LATENT_DIM,
+    BinaryBlock,
+    ContinuousBlock,
+    DiscreteBlock,
+    EmbeddingBlock,
+    IdColumn,
+)
+from tml.projects.home.recap.data.labels import AucHistogram, LabelModel, base_rate
+from tml.reader.config import DataConfig
+from tml.reader.schema import resolve_dense_specs
+
+DEFAULT_VOCAB = 100_000
+MAX_VOCAB = 1_000_000
+CALIBRATION_ROWS = 50_000
+
+
+@dataclasses.dataclass
+class _Dense:
+    """One dense source: a list column or a group of scalar columns, and the block that draws it."""
+
+    name: str
+    columns: tuple[str, ...]
+    is_list: bool
+    dtype: str
+    width: int
+    block: ContinuousBlock | BinaryBlock | DiscreteBlock | EmbeddingBlock
+
+
+@dataclasses.dataclass
+class _World:
+    """Everything fixed by the seed: feature distributions and the label model."""
+
+    dense: list[_Dense]
+    sparse: dict[str, IdColumn]
+    ids: dict[str, IdColumn]
+    tasks: list[str]
+    rates: np.ndarray  # [2, T]: neg / pos keep rates
+    weight_column: str | None
+    labels: LabelModel
+
+
+def _make_block(
+    rng: np.random.Generator, spec
+) -> ContinuousBlock | BinaryBlock | DiscreteBlock | EmbeddingBlock:
+    if not spec.is_list:
+        return ContinuousBlock.create(rng, spec.length, np.arange(spec.length))
+    visible = np.arange(spec.truncation if spec.truncation is not None else spec.length)
+    if spec.keep is not None:
+        visible = visible[spec.keep]
+    name = spec.name.lower()
+    if "continuous" in name:
+        return ContinuousBlock.create(rng, spec.length, visible)
+    if "binary" in name:
+        return BinaryBlock.create(rng, spec.length, visible)
+    if "discrete" in name or spec.dtype == "int64":
+        return DiscreteBlock.create(rng, spec.length, visible)
+    return EmbeddingBlock.create(rng, spec.length)
+
+
+def _check_columns(config: DataConfig, dense: list[_Dense]) -> None:
+    """Every file column has one role (a sparse feature may share its column with an id column)."""
+    roles: dict[str, str] = {}
+
+    def claim(column: str, role: str) -> None:
+        if column in roles and {roles[column], role} != {"sparse feature", "id column"}:
+            raise ValueError(f"column {column!r} is both a {roles[column]} and a {role}; give it one role")
+        roles.setdefault(column, role)
+
+    for source in dense:
+        for column in source.columns:
+            claim(column, f"dense feature ({source.name})")
+    for feature in config.sparse_features:
+        claim(feature.column, "sparse feature")
+    for column in dict.fromkeys(config.id_columns):
+        claim(column, "id column")
+    for task in config.tasks:
+        claim(task, "label (tasks key)")
+    if config.weight_column is not None:
+        claim(config.weight_column, "weight_column")
+
+
+def build_world(config: DataConfig, seed: int) -> _World:
+    """The generating model of `config` for `seed` (deterministic), calibrated on a fresh sample."""
+    rng = np.random.default_rng([seed, 0])
+    dense = [
+        _Dense(spec.name, spec.columns, spec.is_list, spec.dtype, spec.length, _make_block(rng, spec))
+        for spec in resolve_dense_specs(config)
+    ]
+    _check_columns(config, dense)
+    vocab: dict[str, int] = {}
+    for feature in config.sparse_features:
+        # Several features may read one column with different bucket counts: keep ids within all of them.
+        size = min(feature.num_buckets or DEFAULT_VOCAB, MAX_VOCAB)
+        vocab[feature.column] = min(vocab.get(feature.column, size), size)
+    sparse = {column: IdColumn.create(rng, size) for column, size in vocab.items()}
+    ids = {
+        c: IdColumn.create(rng, DEFAULT_VOCAB) for c in dict.fromkeys(config.id_columns) if c not in sparse
+    }
+    tasks = list(config.tasks)
+    rates = np.array(
+        [[config.tasks[t].neg_downsampling_rate, config.tasks[t].pos_downsampling_rate] for t in tasks]
+    )
+    numeric = [s for s in dense if not isinstance(s.block, DiscreteBlock)]
+    discrete = [s for s in dense if isinstance(s.block, DiscreteBlock)]
+    labels = LabelModel.create(
+        rng,
+        phi_widths=[_signal_width(s.block) for s in numeric],
+        discrete_cards=[list(s.block.cardinality[s.block.informative]) for s in discrete],
+        sparse_vocabs=[column.vocab for column in sparse.values()],
+        num_tasks=len(tasks),
+    )
+    world = _World(dense, sparse, ids, tasks, rates.T.reshape(2, len(tasks)), config.weight_column, labels)
+    if tasks:
+        # Drawn in slices and reduced to the label inputs at once: wide schemas stay within memory.
+        calibration_rng = np.random.default_rng([seed, 1])
+        step = _slice_rows(world)
+        parts = [
+            _label_inputs(
+                world, _sample_features(world, calibration_rng, min(step, CALIBRATION_ROWS - start))
+            )
+            for start in range(0, CALIBRATION_ROWS, step)
+        ]
+        phi, discrete, sparse = (
+            [np.concatenate(arrays) for arrays in zip(*group, strict=True)]
+            for group in list(zip(*parts, strict=True))[:3]
+        )
+        u = np.concatenate([part[3] for part in parts])
+        labels.calibrate(phi, discrete, sparse, u, base_rates=[base_rate(t) for t in tasks])
+    return world
+
+
+def _slice_rows(world: _World) -> int:
+    """Rows drawn at once: about 8M values, so temporaries stay near 32 MB each."""
+    width = sum(source.width for source in world.dense)
+    return max(256, (1 << 23) // max(width, 1))
+
+
+def _signal_width(block) -> int:
+    return block.projection.shape[1] if isinstance(block, EmbeddingBlock) else len(block.informative)
+
+
+def _sample_features(world: _World, rng: np.random.Generator, rows: int) -> dict:
+    h = rng.standard_normal((rows, LATENT_DIM), dtype=np.float32)
+    dense = [source.block.sample(rng, h) for source in world.dense]
+    sparse = [column.sample(rng, rows) for column in world.sparse.values()]
+    ids = [column.sample(rng, rows) for column in world.ids.values()]
+    return {"dense": dense, "sparse": sparse, "ids": ids, "u": rng.standard_normal(rows).astype(np.float32)}
+
+
+def _label_inputs(world: _World, sample: dict) -> tuple:
+    phi, discrete = [], []
+    for source, values in zip(world.dense, sample["dense"], strict=True):
+        if isinstance(source.block, DiscreteBlock):
+            discrete.append(values[:, source.block.informative])
+        else:
+            phi.append(source.block.signal(values))
+    return phi, discrete, sample["sparse"], sample["u"]
+
+
+def _dense_arrays(source: _Dense, values: np.ndarray) -> list[pa.Array]:
+    if source.dtype == "int64":
+        values = np.nan_to_num(values, nan=0.0).astype(np.int64) if values.dtype != np.int64 else values
+    else:
+        values = values.astype(np.float32, copy=False)
+    if source.is_list:
+        return [pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])]
+    return [pa.array(np.ascontiguousarray(values[:, j])) for j in range(values.shape[1])]
+
+
+def _sample_chunk(world: _World, rng: np.random.Generator, rows: int, auc: AucHistogram | None) -> pa.Table:
+    sample = _sample_features(world, rng, rows)
+    columns: dict[str, pa.Array] = {}
+    for source, values in zip(world.dense, sample["dense"], strict=True):
+        columns.update(zip(source.columns, _dense_arrays(source, values), strict=True))
+    keep = None
+    if world.tasks:
+        logits = world.labels.logits(*_label_inputs(world, sample))
+        labels = rng.random(logits.shape, dtype=np.float32) < 1.0 / (1.0 + np.exp(-logits))
+        if (world.rates < 1).any():
+            keep_rate = np.where(labels, world.rates[1], world.rates[0]).max(axis=1)
+            keep = rng.random(rows) < keep_rate
+            logits, labels = logits[keep], labels[keep]
+        if auc is not None:
+            auc.add(logits, labels)
+        for index, task in enumerate(world.tasks):
+            columns[task] = pa.array(labels[:, index].astype(np.int64))
+    for column, values in zip([*world.sparse, *world.ids], [*sample["sparse"], *sample["ids"]], strict=True):
+        columns[column] = pa.array(values)
+    if keep is not None:
+        mask = pa.array(keep)
+        columns = {
+            name: (array if name in world.tasks else array.filter(mask)) for name, array in columns.items()
+        }
+    if world.weight_column is not None:
+        kept = int(keep.sum()) if keep is not None else rows
+        columns[world.weight_column] = pa.array(np.ones(kept, dtype=np.float32))
+    return pa.table(columns)
+
+
+def _split(rows: int, step: int) -> list[int]:
+    return [min(step, rows - start) for start in range(0, rows, step)] or [0]
+
+
+def generate(
+    config: DataConfig,
+    num_examples: int,
+    output_dir: str,
+    seed: int = 0,
+    num_files: int = 4,
+    rows_per_row_group: int = 16384,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Write `num_examples` rows (before downsampling) as `num_files` Parquet files; return oracle AUCs.
+
+    Args:
+        config: the data section the files are for (its schema, sparse features, ids, tasks, weight).
+        num_examples: rows drawn, split evenly over the files.
+        output_dir: created if missing; files `part-NNNNN.parquet` and `oracle_auc.json`.
+        seed: everything derives from it; the same arguments write the same files.
+        num_files: number of shards.
+        rows_per_row_group: rows drawn and written at a time (bounds memory).
+        progress: show progress (a bar on a terminal, log lines otherwise).
+
+    Returns:
+        task -> AUC of the true probability against the drawn labels (the best any model can reach).
+    """
+    if num_examples < 0 or num_files < 1 or rows_per_row_group < 1:
+        raise ValueError(
+            f"need num_examples >= 0, num_files >= 1, rows_per_row_group >= 1; got {num_examples}, "
+            f"{num_files}, {rows_per_row_group}"
+        )
+    world = build_world(config, seed)
+    auc = AucHistogram(len(world.tasks))
+    os.makedirs(output_dir, exist_ok=True)
+    bar = None
+    if progress:
+        from tml.ml_logging.progress import progress_bar
+
+        bar = progress_bar(num_examples, "generate")
+    for file_index in range(num_files):
+        rows = num_examples // num_files + (1 if file_index < num_examples % num_files else 0)
+        path = os.path.join(output_dir, f"part-{file_index:05d}.parquet")
+        writer = None
+        step = _slice_rows(world)
+        for chunk_index, start in enumerate(range(0, max(rows, 1), rows_per_row_group)):
+            chunk_rows = min(rows_per_row_group, rows - start)
+            table = pa.concat_tables(
+                _sample_chunk(
+                    world, np.random.default_rng([seed, 2, file_index, chunk_index, part]), size, auc
+                )
+                for part, size in enumerate(_split(chunk_rows, step))
+            )
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            if bar is not None:
+                bar.update(chunk_rows)
+        writer.close()
+    if bar is not None:
+        bar.close()
+    result = dict(zip(world.tasks, auc.auc(), strict=True))
+    with open(os.path.join(output_dir, "oracle_auc.json"), "w") as handle:
+        json.dump(result, handle, indent=2, sort_keys=True)
+    return result

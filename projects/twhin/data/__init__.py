@@ -1,0 +1,1 @@
+"""Synthetic TwHIN edge data (latent-factor graphs that link prediction can learn)."""

@@ -1,0 +1,100 @@
+"""tml-pq on small files: schema, head (with list truncation), count, stats (streamed), bad paths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tml.tools.pq import cli
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    values = pa.array(np.arange(60, dtype=np.float32))
+    table = pa.table(
+        {
+            "x": pa.array([1.0, math.nan, None, 4.0, -2.0, 10.0]),
+            "vec": pa.FixedSizeListArray.from_arrays(values, 10),
+            "ids": pa.array([[1, 2], [3], None, [], [7, 8, 9], [0]], pa.list_(pa.int64())),
+            "name": ["a", "b", None, "d", "e", "f"],
+        }
+    )
+    # Small row groups so that stats must merge partial results across batches and files.
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=2)
+    pq.write_table(table.slice(0, 3), tmp_path / "part-1.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    return tmp_path
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_count_directory_glob_and_url(data_dir, capsys):
+    assert _run(capsys, "count", str(data_dir)) == (0, "9\n", "")
+    assert _run(capsys, "count", str(data_dir / "part-1*"))[1] == "3\n"
+    assert _run(capsys, "count", f"file://{data_dir}/*.parquet")[1] == "9\n"
+    code, out, _ = _run(capsys, "count", str(data_dir), "--per-file")
+    assert code == 0 and out.splitlines()[-1] == "9\ttotal" and "part-0.parquet" in out
+
+
+def test_schema_lists_columns(data_dir, capsys):
+    code, out, _ = _run(capsys, "schema", str(data_dir))
+    assert code == 0
+    assert "2 file(s)" in out
+    assert "x: double" in out and "vec: fixed_size_list" in out and "name: string" in out
+
+
+def test_head_truncates_long_lists(data_dir, capsys):
+    code, out, _ = _run(capsys, "head", str(data_dir / "part-0.parquet"), "-n", "3", "--max-items", "4")
+    assert code == 0
+    assert out.count("--- row") == 3
+    assert "[0, 1, 2, 3, ... (10 items)]" in out
+    assert "[20, 21, 22, 23, ... (10 items)]" in out and "30, 31" not in out
+
+
+def test_head_column_selection_and_unknown_column(data_dir, capsys):
+    code, out, _ = _run(capsys, "head", str(data_dir), "-n", "1", "--columns", "name")
+    assert code == 0 and "'a'" in out and "vec" not in out
+    code, _, err = _run(capsys, "head", str(data_dir), "--columns", "nope")
+    assert code == 2 and "nope" in err
+
+
+def test_stats_values(data_dir, capsys):
+    code, out, _ = _run(capsys, "stats", str(data_dir / "part-0.parquet"))
+    assert code == 0
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert out.splitlines()[0] == "6 rows"
+    # x: one null, one NaN; min/max/mean over the 4 finite values.
+    assert lines["x"][2:7] == ["1", "1", "-2", "10", "3.25"]
+    assert lines["vec"][-1] == "10/10/10" and lines["vec"][4:7] == ["0", "59", "29.5"]
+    assert lines["ids"][2] == "1" and lines["ids"][-1] == "0/3/1.4"
+    assert lines["name"][1:] == ["string", "1"]
+
+
+def test_missing_path_names_pattern(tmp_path, capsys):
+    pattern = str(tmp_path / "nothing-*.parquet")
+    code, out, err = _run(capsys, "count", pattern)
+    assert code == 2 and out == "" and pattern in err
+
+
+def test_not_parquet_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    code, _, err = _run(capsys, "schema", str(bad))
+    assert code == 2 and "bad.parquet" in err
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--help"])
+    assert exit_info.value.code == 0
+    assert "fsspec URL" in capsys.readouterr().out

@@ -1,0 +1,247 @@
+"""`tml-pq`: look inside Parquet data sets (schema, first rows, row count, per-column statistics).
+
+PATH is a file, a directory (all `*.parquet` below it), a glob, or an fsspec URL (`s3://bucket/x/*.parquet`).
+`stats` streams record batches, so data sets larger than memory work; its figures are exact.
+
+Example:
+    tml-pq schema data/train
+    tml-pq head 'data/train/*.parquet' -n 3 --columns label meta.user_id
+    tml-pq count gs://bucket/recap/train
+    tml-pq stats data/train/part-00000.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+_GLOB_CHARS = "*?["
+
+
+def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str]]:
+    """Expand PATHs (files, directories, globs, fsspec URLs) into (filesystem, file) pairs, each sorted.
+
+    Raises:
+        FileNotFoundError: a PATH matches nothing, naming the pattern.
+    """
+    return [(fs, file) for path in paths for fs, file in _resolve_one(path)]
+
+
+def _resolve_one(path: str) -> list[tuple[fsspec.AbstractFileSystem, str]]:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if any(char in fs_path for char in _GLOB_CHARS):
+        files = [f for f in fs.glob(fs_path) if fs.isfile(f)]
+    elif fs.isdir(fs_path):
+        files = [
+            f
+            for f in fs.find(fs_path)
+            if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(("_", "."))
+        ]
+    elif fs.isfile(fs_path):
+        files = [fs_path]
+    else:
+        files = []
+    if not files:
+        raise FileNotFoundError(f"no Parquet files match {path!r}")
+    return [(fs, file) for file in sorted(files)]
+
+
+def _open(fs: fsspec.AbstractFileSystem, file: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fs.open(file, "rb"))
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"{file}: not a readable Parquet file ({err})") from err
+
+
+def _iter_batches(
+    paths: list[str], columns: list[str] | None, batch_size: int = 65536
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    for fs, file in resolve_files(paths):
+        parquet = _open(fs, file)
+        if columns:
+            missing = [c for c in columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{file}: no column(s) {missing}; it has {parquet.schema_arrow.names}")
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+            yield file, batch
+
+
+def _format_value(value: object, max_items: int) -> str:
+    if isinstance(value, list):
+        shown = ", ".join(_format_value(v, max_items) for v in value[:max_items])
+        more = f", ... ({len(value)} items)" if len(value) > max_items else ""
+        return f"[{shown}{more}]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (str, bytes)) and len(value) > 80:
+        return repr(value[:80]) + "..."
+    return repr(value) if isinstance(value, (str, bytes)) else str(value)
+
+
+def cmd_schema(paths: list[str]) -> None:
+    files = resolve_files(paths)
+    first = _open(*files[0])
+    print(f"{len(files)} file(s); schema of {files[0][1]}:")
+    print(first.schema_arrow.to_string(show_schema_metadata=False))
+    for fs, file in files[1:]:
+        other = _open(fs, file).schema_arrow
+        if not other.equals(first.schema_arrow):
+            print(f"WARNING: {file} has a different schema:\n{other.to_string(show_schema_metadata=False)}")
+
+
+def cmd_head(paths: list[str], num_rows: int, columns: list[str] | None, max_items: int) -> None:
+    shown = 0
+    for _, batch in _iter_batches(paths, columns, batch_size=max(num_rows, 1)):
+        for row in batch.slice(0, num_rows - shown).to_pylist():
+            print(f"--- row {shown}")
+            width = max(len(name) for name in row)
+            for name, value in row.items():
+                print(f"  {name:<{width}}  {_format_value(value, max_items)}")
+            shown += 1
+        if shown >= num_rows:
+            return
+
+
+def cmd_count(paths: list[str], per_file: bool) -> None:
+    total = 0
+    for fs, file in resolve_files(paths):
+        rows = _open(fs, file).metadata.num_rows
+        total += rows
+        if per_file:
+            print(f"{rows}\t{file}")
+    print(total if not per_file else f"{total}\ttotal")
+
+
+class _Moments:
+    """Running null / NaN count, min, max and mean of numeric values, merged batch by batch."""
+
+    def __init__(self) -> None:
+        self.nulls = self.nans = self.count = 0
+        self.total = 0.0
+        self.min = self.max = None
+
+    def add(self, values: pa.Array) -> None:
+        self.nulls += values.null_count
+        if pa.types.is_floating(values.type):
+            is_nan = pc.is_nan(values)
+            self.nans += pc.sum(is_nan).as_py() or 0
+            values = pc.filter(values, pc.invert(is_nan))
+        extremes = pc.min_max(values)
+        low, high = extremes["min"].as_py(), extremes["max"].as_py()
+        if low is not None:
+            self.min = low if self.min is None else min(self.min, low)
+            self.max = high if self.max is None else max(self.max, high)
+        self.count += len(values) - values.null_count
+        self.total += float(pc.sum(values, min_count=0).as_py() or 0)
+
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+def _type_name(dtype: pa.DataType) -> str:
+    if pa.types.is_fixed_size_list(dtype):
+        return f"list<{_type_name(dtype.value_type)}>[{dtype.list_size}]"
+    if _is_list(dtype):
+        return f"list<{_type_name(dtype.value_type)}>"
+    return str(dtype)
+
+
+def _is_numeric(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+
+
+def _is_list(dtype: pa.DataType) -> bool:
+    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+
+
+def cmd_stats(paths: list[str], columns: list[str] | None) -> None:
+    rows = 0
+    values: dict[str, _Moments] = {}
+    lengths: dict[str, _Moments] = {}
+    nulls: dict[str, int] = {}
+    types: dict[str, pa.DataType] = {}
+    for _, batch in _iter_batches(paths, columns):
+        rows += batch.num_rows
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            types.setdefault(name, column.type)
+            nulls[name] = nulls.get(name, 0) + column.null_count
+            if _is_list(column.type):
+                lengths.setdefault(name, _Moments()).add(pc.list_value_length(column))
+                column = pc.list_flatten(column)
+            if _is_numeric(column.type):
+                values.setdefault(name, _Moments()).add(pc.cast(column, pa.float64()))
+    print(f"{rows} rows")
+    header = ("column", "type", "nulls", "nan", "min", "max", "mean", "len min/max/mean")
+    table = [header]
+    for name, dtype in types.items():
+        v, n = values.get(name), lengths.get(name)
+        table.append(
+            (
+                name,
+                _type_name(dtype),
+                str(nulls[name]),
+                str(v.nans) if v else "",
+                f"{v.min:.6g}" if v and v.min is not None else "",
+                f"{v.max:.6g}" if v and v.max is not None else "",
+                f"{v.mean():.6g}" if v and v.count else "",
+                f"{n.min}/{n.max}/{n.mean():.4g}" if n and n.min is not None else "",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tml-pq",
+        description="Inspect Parquet data. PATH: a file, a directory (its *.parquet files), a glob, "
+        "or an fsspec URL such as s3://bucket/data/*.parquet (quote globs in the shell).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("schema", help="print the Arrow schema (and warn when files differ)")
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p = sub.add_parser("head", help="print the first rows, one `column  value` line each")
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("-n", "--num-rows", type=int, default=5, help="rows to print (default 5)")
+    p.add_argument("--columns", nargs="+", help="only these columns")
+    p.add_argument("--max-items", type=int, default=8, help="list items shown before '...' (default 8)")
+    p = sub.add_parser("count", help="print the number of rows (from file metadata, no data read)")
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("--per-file", action="store_true", help="also print each file's row count")
+    p = sub.add_parser(
+        "stats",
+        help="per column: nulls, NaNs, min/max/mean of numbers (list items pooled), list lengths",
+    )
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("--columns", nargs="+", help="only these columns")
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point of the `tml-pq` console script; returns the exit status (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "schema":
+            cmd_schema(args.paths)
+        elif args.command == "head":
+            cmd_head(args.paths, args.num_rows, args.columns, args.max_items)
+        elif args.command == "count":
+            cmd_count(args.paths, args.per_file)
+        else:
+            cmd_stats(args.paths, args.columns)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tml-pq: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
