@@ -62,7 +62,11 @@ def test_loads_substitutes_env_and_overrides(tmp_path):
     config = load_config(
         Root,
         path,
-        ["training.num_train_steps=100", "tasks.recap.engagement.is_favorited.pos_weight=2", "training.save_dir=/a"],
+        [
+            "training.num_train_steps=100",
+            "tasks.recap.engagement.is_favorited.pos_weight=2",
+            "training.save_dir=/a",
+        ],
         env={"RUN_DIR": "/runs"},
     )
     assert config.training.num_train_steps == 100
@@ -89,9 +93,13 @@ def test_missing_env_variable_is_named(tmp_path):
 
 def test_override_of_unknown_key_lists_valid_keys(tmp_path):
     path = write(tmp_path, GOOD)
-    with pytest.raises(ConfigError, match=r"'training' has no key 'num_steps'; valid keys: save_dir, num_train_steps"):
+    with pytest.raises(
+        ConfigError, match=r"'training' has no key 'num_steps'; valid keys: save_dir, num_train_steps"
+    ):
         load_config(Root, path, ["training.num_steps=1"], env={"RUN_DIR": "r"})
-    with pytest.raises(ConfigError, match=r"'tasks' has no key 'nope'; valid keys: recap.engagement.is_favorited"):
+    with pytest.raises(
+        ConfigError, match=r"'tasks' has no key 'nope'; valid keys: recap.engagement.is_favorited"
+    ):
         load_config(Root, path, ["tasks.nope.pos_weight=1"], env={"RUN_DIR": "r"})
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
         load_config(Root, path, ["training.num_train_steps"], env={"RUN_DIR": "r"})
@@ -134,7 +142,9 @@ def test_missing_file(tmp_path):
 
 def test_exactly_one_and_at_most_one_groups(tmp_path):
     path = write(tmp_path, "training: {save_dir: x}\noptimizer: {adam: {}, sgd: {}}\n")
-    with pytest.raises(ConfigError, match=r"optimizer: exactly one of \[adam, sgd\] must be set, got: adam, sgd"):
+    with pytest.raises(
+        ConfigError, match=r"optimizer: exactly one of \[adam, sgd\] must be set, got: adam, sgd"
+    ):
         load_config(Root, path)
     path = write(tmp_path, "training: {save_dir: x}\noptimizer: {}\n")
     with pytest.raises(ConfigError, match=r"exactly one of \[adam, sgd\] must be set, got: none"):

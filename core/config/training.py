@@ -1,0 +1,90 @@
+"""The `training` section (the original's keys plus evaluation cadence, precision and devices) and the
+per-table sharding section that projects put next to their embedding tables.
+
+Example:
+    training:
+      save_dir: runs/recap
+      num_train_steps: 10000
+      checkpoint_every_n: 1000
+      eval_every_n: 1000
+      mixed_precision: bf16
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from tml.core.config.base import BaseConfig
+
+_F = pydantic.Field
+
+
+class TrainingConfig(BaseConfig):
+    """How long to train, where to write, how often to log, evaluate and checkpoint."""
+
+    save_dir: str = _F(description="Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/.")
+    num_train_steps: int = _F(
+        ge=1, description="Optimizer steps to train (each of gradient_accumulation batches)."
+    )
+    initial_checkpoint_dir: str | None = _F(
+        None,
+        description="Warm start: load model weights (not optimizer state or step) from this checkpoint "
+        "folder (a step-N folder or a run's checkpoints/ folder: its latest) when save_dir has none.",
+    )
+    checkpoint_every_n: int = _F(1000, ge=1, description="Save a checkpoint every N optimizer steps.")
+    checkpoint_max_to_keep: int = _F(3, ge=1, description="Keep only the newest N checkpoints.")
+    train_log_every_n: int = _F(100, ge=1, description="Log train/* metrics every N optimizer steps.")
+    num_eval_steps: int | None = _F(
+        None, ge=-1, description="Batches per evaluation and partition; None or -1: one full pass."
+    )
+    eval_every_n: int | None = _F(
+        None, ge=1, description="Evaluate every N optimizer steps (and at the end); None: only at the end."
+    )
+    eval_log_every_n: int = _F(100, ge=1, description="Update the evaluation progress every N batches.")
+    gradient_accumulation: int = _F(
+        1, ge=1, description="Batches whose gradients are summed (loss / N each) before one optimizer step."
+    )
+    seed: int = _F(0, description="Seed of torch's generators (the same on every rank).")
+    mixed_precision: Literal["auto", "none", "bf16"] = _F(
+        "auto", description="bf16 autocast of the forward pass; auto: bf16 on cuda, none on cpu."
+    )
+    device: Literal["auto", "cpu", "cuda"] = _F("auto", description="auto: cuda when available.")
+    backend: Literal["auto", "gloo", "nccl"] = _F("auto", description="auto: nccl on cuda, gloo on cpu.")
+    collective_timeout_s: int = _F(
+        600, ge=1, description="Seconds a collective may wait for other ranks before the job fails."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("backend 'nccl' needs device 'cuda' (or 'auto' on a GPU machine)")
+        return self
+
+
+ShardingType = Literal["data_parallel", "table_wise", "row_wise", "table_row_wise", "column_wise"]
+ComputeKernel = Literal["fused", "dense"]
+
+
+class EmbeddingShardingConfig(BaseConfig):
+    """How one embedding table is placed across ranks; unset keys are left to the planner.
+
+    `compute_kernel: dense` runs the table's optimizer as an ordinary torch optimizer and is only
+    available with `sharding_type: data_parallel` (a replicated table); `fused` applies the optimizer
+    inside the backward pass and works with every model-parallel sharding type.
+    """
+
+    sharding_type: ShardingType | None = _F(None, description="Placement across ranks; None: planner.")
+    compute_kernel: ComputeKernel | None = _F(None, description="fused | dense; None: planner.")
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> EmbeddingShardingConfig:
+        dp = self.sharding_type == "data_parallel"
+        if self.compute_kernel == "dense" and self.sharding_type not in (None, "data_parallel"):
+            raise ValueError(
+                f"compute_kernel 'dense' needs sharding_type 'data_parallel', got '{self.sharding_type}'"
+            )
+        if self.compute_kernel == "fused" and dp:
+            raise ValueError("sharding_type 'data_parallel' has only the 'dense' compute_kernel")
+        return self

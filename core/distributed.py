@@ -1,0 +1,139 @@
+"""Process-group setup: the only place that reads torchrun's environment.
+
+Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set) this joins the job's process
+group; alone, it creates a one-rank group on an in-memory store, so that sharding, collectives and
+checkpoints take the same code path in both cases. CUDA uses NCCL and `cuda:LOCAL_RANK`; CPU uses gloo.
+
+Example:
+    env = init_distributed(backend="auto", device="auto")
+    run_distributed(lambda: train(env))  # logs a failure with rank + traceback, exits non-zero
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tml.ml_logging.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """Join (or create) the process group and pick this rank's device.
+
+    Args:
+        backend: auto | gloo | nccl (auto: nccl on cuda, gloo on cpu).
+        device: auto | cpu | cuda.
+        timeout_s: how long a collective waits for other ranks before failing (no silent hangs).
+    """
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    torch_device = resolve_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be auto, gloo or nccl, got {backend!r}")
+    if backend == "nccl" and torch_device.type != "cuda":
+        raise ValueError("backend 'nccl' needs a CUDA device")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if torch_device.type == "cuda":
+            kwargs["device_id"] = torch_device
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # One process without torchrun: an in-memory store needs no port.
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(**kwargs)
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend)
+    logger.info("distributed: rank %d of %d on %s (%s)", env.rank, env.world_size, env.device, backend)
+    return env
+
+
+def shutdown() -> None:
+    """Destroy the process group if one exists (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; on an exception log it with this rank and its traceback, tear down, exit 1.
+
+    The process group is destroyed in every case so that other ranks' collectives fail within the
+    timeout instead of hanging.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+    try:
+        result = fn()
+    except SystemExit:
+        shutdown()
+        raise
+    except BaseException as error:  # every failure must be reported with its rank
+        text = "".join(traceback.format_exception(error))
+        # Logged at error level: other ranks only print errors, and a failure on rank 3 must show.
+        logger.error("rank %d failed:\n%s", rank, text)
+        print(f"[rank {rank}] failed: {error!r}", file=sys.stderr, flush=True)
+        shutdown()
+        sys.exit(1)
+    shutdown()
+    return result
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on every rank (one tiny all_reduce)."""
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+def any_rank_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on at least one rank (one tiny all_reduce)."""
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())

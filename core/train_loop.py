@@ -1,0 +1,236 @@
+"""The training loop: torchrec's train pipelines (wrapped, not forked) plus the loop's side concerns.
+
+Each optimizer step consumes `gradient_accumulation` batches; every batch's loss is divided by that
+count, so the summed gradient is the mean over the step's batches. Fused (in-backward) table optimizers
+still update their tables on every batch's backward (see docs/training.md). Loss: scalar; outputs as in
+docs/design.md (`labels` [B, T] gives B).
+
+Example:
+    result = train(sharded.module, [optimizer, *sharded.table_optimizers.values()], scheduler,
+                   batches, env, LoopOptions(num_train_steps=1000), metric_logger, checkpointer)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from tml.core.distributed import DistEnv, all_ranks_true, any_rank_true
+from tml.ml_logging.log import get_logger
+from tml.ml_logging.progress import progress_bar
+
+logger = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class LoopOptions:
+    """Flat settings of the loop (built from TrainingConfig and OptimizerConfig by the caller)."""
+
+    num_train_steps: int
+    gradient_accumulation: int = 1
+    train_log_every_n: int = 100
+    eval_every_n: int | None = None
+    clip_grad_norm: float | None = None
+    bf16: bool = False
+    pipeline: str = "auto"  # auto | sparse_dist | base | eager
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    batches_trained: int
+    losses: list[float]  # this rank's mean loss of each optimizer step
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _StepControl:
+    """What the pipeline sees as its optimizer: zero_grad/step only at accumulation boundaries, with
+    clipping, every optimizer and the scheduler behind one step()."""
+
+    def __init__(self, optimizers, scheduler, accumulation: int, clip: float | None) -> None:
+        self.optimizers, self.scheduler = optimizers, scheduler
+        self.accumulation, self.clip, self.micro = accumulation, clip, 0
+        self.clip_params = [p for g in optimizers[0].param_groups for p in g["params"]] if clip else []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.micro % self.accumulation == 0:
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accumulation:
+            return
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.scheduler.step()
+
+
+class _AgreedIterator:
+    """Yields while every rank still has a batch: one tiny all_reduce per batch, so a rank whose
+    share ends first stops every rank at the same batch (no hang in the next collective)."""
+
+    def __init__(self, batches: Iterable, env: DistEnv) -> None:
+        self.it, self.env, self.done = iter(batches), env, False
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self.done:
+            raise StopIteration
+        batch = next(self.it, None)
+        if not all_ranks_true(batch is not None, self.env.device):
+            self.done = True
+            raise StopIteration
+        return batch
+
+
+def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple[Callable, object | None]:
+    autocast = (
+        (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16))
+        if options.bf16
+        else contextlib.nullcontext
+    )
+
+    def forward(batch):
+        with autocast():
+            loss, outputs = module(batch)
+        return loss / options.gradient_accumulation, (loss.detach().float(), outputs)
+
+    kind = options.pipeline
+    if kind == "auto":
+        kind = "sparse_dist" if env.device.type == "cuda" and hasattr(module, "fused_optimizer") else "eager"
+    if kind == "eager":
+
+        def progress(it):
+            batch = next(it).to(env.device, non_blocking=True)
+            control.zero_grad()
+            scaled, out = forward(batch)
+            scaled.backward()
+            control.step()
+            return out
+
+        return progress, None
+    from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+
+    from tml.reader.batch import RecapBatch, register_pipelineable
+
+    register_pipelineable(RecapBatch)
+    if kind == "sparse_dist":
+        pipeline = TrainPipelineSparseDist(module, control, env.device, custom_model_fwd=forward)
+    elif kind == "base":
+        # TrainPipelineBase accepts custom_model_fwd but calls the model itself: hand it a wrapper.
+        pipeline = TrainPipelineBase(_ForwardModule(module, forward), control, env.device)
+    else:
+        raise ValueError(f"pipeline must be auto, sparse_dist, base or eager, got {kind!r}")
+    return pipeline.progress, pipeline
+
+
+class _ForwardModule(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, forward: Callable) -> None:
+        super().__init__()
+        self.module, self._forward = module, forward
+
+    def forward(self, batch):
+        return self._forward(batch)
+
+
+def train(
+    module: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable,
+    env: DistEnv,
+    options: LoopOptions,
+    metric_logger=None,
+    checkpointer=None,
+    evaluate: Callable[[int], None] | None = None,
+    start_step: int = 0,
+    batches_trained: int = 0,
+) -> TrainResult:
+    """Train from `start_step` to `options.num_train_steps` or until any rank's data ends.
+
+    `optimizers[0]` is the dense optimizer (its param groups' `name` label `train/lr/<name>`; clipping
+    applies to it). `checkpointer.maybe_save(step, extra)` and `evaluate(step)` are called after steps.
+    """
+    module.train()
+    control = _StepControl(optimizers, scheduler, options.gradient_accumulation, options.clip_grad_norm)
+    progress, pipeline = _make_progress(module, control, env, options)
+    data, step, losses = _AgreedIterator(batches, env), start_step, []
+    bar = progress_bar(options.num_train_steps - start_step, "train", env.rank)
+    window = _Window()
+    while step < options.num_train_steps:
+        step_loss = 0.0
+        try:
+            for _ in range(options.gradient_accumulation):
+                loss, outputs = progress(data)
+                batches_trained += 1
+                step_loss += loss.item() / options.gradient_accumulation
+                window.examples += int(outputs["labels"].shape[0])
+        except StopIteration:
+            logger.info("data ended on a rank after %d steps; all ranks stop", step)
+            break
+        step += 1
+        if any_rank_true(not math.isfinite(step_loss), env.device):
+            last = checkpointer.latest_step() if checkpointer is not None else None
+            raise NonFiniteLossError(
+                f"loss is NaN/inf at step {step} (this rank: {step_loss}); last good checkpoint: "
+                f"{'step ' + str(last) if last is not None else 'none'}"
+            )
+        losses.append(step_loss)
+        window.loss += step_loss
+        window.steps += 1
+        bar.update(1, loss=step_loss)
+        if step % options.train_log_every_n == 0 or step == options.num_train_steps:
+            window = _log_train(metric_logger, step, optimizers[0], env, window)
+        if checkpointer is not None:
+            checkpointer.maybe_save(step, {"batches_yielded": batches_trained})
+        if evaluate is not None and options.eval_every_n and step % options.eval_every_n == 0:
+            _run_eval(evaluate, step, module, pipeline)
+    bar.close()
+    return TrainResult(step, batches_trained, losses)
+
+
+def _run_eval(evaluate, step: int, module, pipeline) -> None:
+    # The sparse-dist pipeline rewrites sharded modules' forwards; detach restores them and keeps
+    # in-flight batches, and the next progress() re-attaches.
+    if pipeline is not None and hasattr(pipeline, "detach"):
+        pipeline.detach()
+    evaluate(step)
+    module.train()
+
+
+@dataclasses.dataclass
+class _Window:
+    """Sums since the last train log line."""
+
+    loss: float = 0.0
+    steps: int = 0
+    examples: int = 0
+    start: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def _log_train(metric_logger, step: int, optimizer, env: DistEnv, window: _Window) -> _Window:
+    # One all_reduce for both figures: the mean loss over ranks and the global example count.
+    totals = torch.tensor([window.loss, float(window.examples)], dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(totals)
+    if metric_logger is not None:
+        metrics = {
+            "train/loss": totals[0].item() / env.world_size / max(window.steps, 1),
+            "train/examples_per_s": totals[1].item() / max(time.monotonic() - window.start, 1e-9),
+        }
+        for group in optimizer.param_groups:
+            metrics[f"train/lr/{group.get('name', 'default')}"] = float(group["lr"])
+        metric_logger.log(step, metrics)
+    return _Window()

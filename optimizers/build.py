@@ -1,0 +1,127 @@
+"""Turn optimizer configs into torch optimizers and LR schedulers.
+
+`build_optimizer` covers the dense parameters: one parameter group per named prefix group, each with its
+own `LearningRate` schedule (a `LambdaLR` with one lambda per group; group lrs are set to 1.0 so the lambda's
+value *is* the learning rate). Parameters owned by fused in-backward table optimizers are skipped.
+`embedding_optimizer` maps an `EmbeddingOptimizerConfig` to an optimizer class and kwargs.
+
+Example:
+    optimizer, scheduler = build_optimizer(
+        model.named_parameters(), config,
+        groups={"backbone": (["backbone"], lr_a), "towers": (["towers"], lr_b)},
+    )
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from tml.core.config.base import which_one
+from tml.optimizers.config import EmbeddingOptimizerConfig, LearningRate, OptimizerConfig
+from tml.optimizers.schedules import learning_rate_at
+
+DEFAULT_GROUP = "default"
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def is_in_backward(param: torch.Tensor) -> bool:
+    """True for parameters updated by a fused optimizer in the backward pass (torch / torchrec marker)."""
+    return hasattr(param, "_in_backward_optimizers")
+
+
+def _group_parameters(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    groups: dict[str, tuple[list[str], LearningRate]] | None,
+    default: LearningRate,
+) -> list[tuple[str, LearningRate, list[torch.Tensor]]]:
+    params = [(n, p) for n, p in named_parameters if p.requires_grad and not is_in_backward(p)]
+    if not groups:
+        return [(DEFAULT_GROUP, default, [p for _, p in params])]
+    members: dict[str, list[torch.Tensor]] = {group: [] for group in groups}
+    for name, param in params:
+        hits = [g for g, (prefixes, _) in groups.items() if any(_matches(name, p) for p in prefixes)]
+        if len(hits) != 1:
+            what = "no group" if not hits else f"several groups ({', '.join(hits)})"
+            listed = {g: prefixes for g, (prefixes, _) in groups.items()}
+            raise ValueError(f"parameter '{name}' matches {what}; group prefixes: {listed}")
+        members[hits[0]].append(param)
+    empty = [g for g, ps in members.items() if not ps]
+    if empty:
+        raise ValueError(f"optimizer groups {empty} match no parameter; check their module-name prefixes")
+    return [(g, groups[g][1], members[g]) for g in groups]
+
+
+def build_optimizer(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    config: OptimizerConfig,
+    groups: dict[str, tuple[list[str], LearningRate]] | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Build the dense optimizer and its per-group LR scheduler.
+
+    Args:
+        named_parameters: (name, parameter) pairs, e.g. `model.named_parameters()`.
+        config: algorithm, default schedule and clipping.
+        groups: group name -> (module-name prefixes, schedule); every trainable parameter must match
+            exactly one group. None: one group "default" with `config.learning_rate`.
+
+    Returns:
+        (optimizer, scheduler); each param group carries its `name`. Call `scheduler.step()` after
+        every `optimizer.step()`.
+    """
+    grouped = _group_parameters(named_parameters, groups, config.learning_rate)
+    param_groups = [{"params": params, "name": name, "lr": 1.0} for name, _, params in grouped]
+    kind, algo = which_one(config, OptimizerConfig.exactly_one_of[0])
+    if kind == "adam":
+        cls = torch.optim.AdamW if algo.weight_decay > 0 else torch.optim.Adam
+        optimizer = cls(
+            param_groups,
+            lr=1.0,
+            betas=(algo.beta_1, algo.beta_2),
+            eps=algo.epsilon,
+            weight_decay=algo.weight_decay,
+        )
+    elif kind == "sgd":
+        optimizer = torch.optim.SGD(
+            param_groups, lr=1.0, momentum=algo.momentum, weight_decay=algo.weight_decay
+        )
+    else:
+        optimizer = torch.optim.Adagrad(
+            param_groups,
+            lr=1.0,
+            eps=algo.epsilon,
+            initial_accumulator_value=algo.initial_accumulator_value,
+            weight_decay=algo.weight_decay,
+        )
+    lambdas = [(lambda step, s=schedule: learning_rate_at(s, step)) for _, schedule, _ in grouped]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
+    return optimizer, scheduler
+
+
+def embedding_optimizer(config: EmbeddingOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    """(optimizer class, torch kwargs) for one table; the same pair drives the fused kernel and the
+    ordinary fallback optimizer (torchrec maps the class to the FBGEMM algorithm)."""
+    kind, algo = which_one(config, EmbeddingOptimizerConfig.exactly_one_of[0])
+    if kind == "sgd":
+        return torch.optim.SGD, {"lr": algo.learning_rate}
+    if kind == "adagrad":
+        return torch.optim.Adagrad, {"lr": algo.learning_rate, "eps": algo.epsilon}
+    if kind == "rowwise_adagrad":
+        from torchrec.optim import RowWiseAdagrad
+
+        return RowWiseAdagrad, {"lr": algo.learning_rate, "eps": algo.epsilon}
+    return torch.optim.Adam, {"lr": algo.learning_rate, "eps": algo.epsilon}
+
+
+# Fused (in-backward) algorithms the FBGEMM CPU kernels implement; CUDA has all of them.
+CPU_FUSED = frozenset({"sgd", "adagrad", "rowwise_adagrad"})
+
+
+def fused_supported(config: EmbeddingOptimizerConfig, device_type: str) -> bool:
+    """Whether the table algorithm can run fused in the backward pass on `device_type`."""
+    kind, _ = which_one(config, EmbeddingOptimizerConfig.exactly_one_of[0])
+    return device_type == "cuda" or kind in CPU_FUSED

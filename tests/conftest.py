@@ -1,0 +1,96 @@
+"""Shared test helpers: launch a function on N local ranks (gloo, CPU) like torchrun would.
+
+`run_ranks(fn, world_size, *args)` starts one fresh Python process per rank with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, loads `fn`'s test file by path (test modules are imported
+with --import-mode=importlib and cannot be pickled by name), calls `fn(*args)` and returns every
+rank's return value (picklable), rank order. A failing rank raises with its stderr; a hang times out.
+
+Example:
+    def _check(tmp):              # module level in a test file
+        env = init_distributed()  # reads the torchrun-style environment
+        return env.rank
+
+    def test_two_ranks(run_ranks, tmp_path):
+        assert run_ranks(_check, 2, str(tmp_path)) == [0, 1]
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+_CHILD = """
+import importlib.util, pickle, sys
+path, name, args_file, out_file = sys.argv[1:5]
+spec = importlib.util.spec_from_file_location("_rank_test_module", path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with open(args_file, "rb") as f:
+    args = pickle.load(f)
+result = getattr(module, name)(*args)
+with open(out_file, "wb") as f:
+    pickle.dump(result, f)
+"""
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_ranks(fn, world_size: int, *args, timeout: float = 300.0, extra_env: dict | None = None):
+    """Run module-level `fn(*args)` on `world_size` fresh processes; return their results."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        args_file = os.path.join(tmp, "args.pkl")
+        with open(args_file, "wb") as f:
+            pickle.dump(args, f)
+        procs = []
+        for rank in range(world_size):
+            env = {
+                **os.environ,
+                **(extra_env or {}),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            out = os.path.join(tmp, f"out{rank}.pkl")
+            cmd = [sys.executable, "-c", _CHILD, inspect.getfile(fn), fn.__name__, args_file, out]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        logs = []
+        try:
+            for proc in procs:
+                logs.append(proc.communicate(timeout=timeout)[0].decode(errors="replace"))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            tails = "\n".join(
+                f"--- rank {r} (exit {procs[r].returncode}) ---\n{logs[r][-4000:]}" for r in failed
+            )
+            raise AssertionError(f"ranks {failed} failed:\n{tails}")
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"out{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+@pytest.fixture
+def run_ranks():
+    """The `launch_ranks` helper as a fixture (test modules cannot import conftest by name)."""
+    return launch_ranks

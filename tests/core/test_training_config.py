@@ -1,0 +1,35 @@
+"""TrainingConfig and EmbeddingShardingConfig reject inconsistent settings."""
+
+import pydantic
+import pytest
+
+from tml.core.config.training import EmbeddingShardingConfig, TrainingConfig
+
+pytestmark = pytest.mark.unit
+
+
+def test_training_defaults_and_errors():
+    config = TrainingConfig(save_dir="runs/x", num_train_steps=10)
+    assert config.mixed_precision == "auto" and config.gradient_accumulation == 1
+    with pytest.raises(pydantic.ValidationError, match="nccl"):
+        TrainingConfig(save_dir="x", num_train_steps=1, device="cpu", backend="nccl")
+    with pytest.raises(pydantic.ValidationError, match="extra"):
+        TrainingConfig(save_dir="x", num_train_steps=1, eval_timeout_in_s=5)
+
+
+def test_sharding_kernel_combinations():
+    assert EmbeddingShardingConfig(sharding_type="row_wise").compute_kernel is None
+    with pytest.raises(pydantic.ValidationError, match="data_parallel"):
+        EmbeddingShardingConfig(sharding_type="row_wise", compute_kernel="dense")
+    with pytest.raises(pydantic.ValidationError, match="dense"):
+        EmbeddingShardingConfig(sharding_type="data_parallel", compute_kernel="fused")
+
+
+def test_run_distributed_exits_nonzero_on_error(capsys):
+    from tml.core.distributed import run_distributed
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_distributed(lambda: 1 / 0)
+    assert exit_info.value.code == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err
+    assert run_distributed(lambda: 7) == 7

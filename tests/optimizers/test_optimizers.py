@@ -1,0 +1,118 @@
+"""Schedules match their formulas; configs validate; parameter groups match exactly one prefix."""
+
+from __future__ import annotations
+
+import math
+
+import pydantic
+import pytest
+import torch
+
+from tml.optimizers.build import build_optimizer
+from tml.optimizers.config import LearningRate, OptimizerConfig
+from tml.optimizers.schedules import learning_rate_at
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ({"constant": 0.3}, {0: 0.3, 7: 0.3}),
+        (
+            {
+                "piecewise_constant": {
+                    "learning_rate_boundaries": [2, 5],
+                    "learning_rate_values": [1.0, 0.5, 0.1],
+                }
+            },
+            {0: 1.0, 1: 1.0, 2: 0.5, 4: 0.5, 5: 0.1, 100: 0.1},
+        ),
+        (
+            {"linear_ramp_to_constant": {"learning_rate": 0.2, "num_ramp_steps": 4}},
+            {0: 0.0, 1: 0.05, 4: 0.2, 9: 0.2},
+        ),
+        (
+            {
+                "linear_ramp_to_cosine": {
+                    "learning_rate": 1.0,
+                    "final_learning_rate": 0.1,
+                    "num_ramp_steps": 2,
+                    "final_num_steps": 6,
+                }
+            },
+            {
+                0: 0.0,
+                1: 0.5,
+                2: 1.0,
+                3: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)),
+                4: 0.55,
+                6: 0.1,
+                50: 0.1,
+            },
+        ),
+    ],
+)
+def test_schedules_match_formula(schedule, expected):
+    lr = LearningRate(**schedule)
+    for step, value in expected.items():
+        assert learning_rate_at(lr, step) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ({"piecewise_constant": {"learning_rate_boundaries": [2], "learning_rate_values": [1.0]}}, "len"),
+        (
+            {"piecewise_constant": {"learning_rate_boundaries": [3, 2], "learning_rate_values": [1, 2, 3]}},
+            "increasing",
+        ),
+        (
+            {"constant": 0.1, "linear_ramp_to_constant": {"learning_rate": 1, "num_ramp_steps": 1}},
+            "exactly one",
+        ),
+        ({}, "exactly one"),
+    ],
+)
+def test_bad_schedules_rejected(schedule, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        LearningRate(**schedule)
+
+
+def _model():
+    return torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "towers": torch.nn.Linear(2, 1)})
+
+
+def test_groups_get_their_own_schedule():
+    config = OptimizerConfig(adam={}, learning_rate={"constant": 9.0})
+    ramp = LearningRate(linear_ramp_to_constant={"learning_rate": 0.4, "num_ramp_steps": 2})
+    groups = {"backbone": (["backbone"], LearningRate(constant=0.1)), "towers": (["towers"], ramp)}
+    optimizer, scheduler = build_optimizer(_model().named_parameters(), config, groups)
+    assert [g["name"] for g in optimizer.param_groups] == ["backbone", "towers"]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.0])
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.2])
+
+
+def test_group_matching_errors():
+    config = OptimizerConfig(sgd={}, learning_rate={"constant": 0.1})
+    lr = LearningRate(constant=0.1)
+    with pytest.raises(ValueError, match="'towers.weight' matches no group"):
+        build_optimizer(_model().named_parameters(), config, {"b": (["backbone"], lr)})
+    with pytest.raises(ValueError, match="'backbone.weight' matches several groups"):
+        build_optimizer(_model().named_parameters(), config, {"b": (["backbone"], lr), "all": ([""], lr)})
+
+
+def test_in_backward_parameters_skipped_and_algorithms():
+    model = _model()
+    model.towers.weight._in_backward_optimizers = []  # the marker torch/torchrec put on fused params
+    config = OptimizerConfig(adagrad={}, learning_rate={"constant": 0.1})
+    optimizer, _ = build_optimizer(model.named_parameters(), config)
+    params = optimizer.param_groups[0]["params"]
+    assert isinstance(optimizer, torch.optim.Adagrad) and len(params) == 3
+    assert all(p is not model.towers.weight for p in params)
+    adamw, _ = build_optimizer(
+        model.named_parameters(), OptimizerConfig(adam={"weight_decay": 0.1}, learning_rate={"constant": 1})
+    )
+    assert isinstance(adamw, torch.optim.AdamW)
