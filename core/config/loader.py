@@ -33,11 +33,14 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in with `<<: *anchor` may be overridden explicitly
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             mark = key_node.start_mark
             raise ConfigError(f"line {mark.line + 1}: duplicate key '{key}'")
         seen[key] = True
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 

@@ -168,3 +168,13 @@ def test_fsspec_url(tmp_path):
     with fsspec.open("memory://configs/c.yaml", "w") as f:
         f.write("training: {save_dir: m}\n")
     assert load_config(Root, "memory://configs/c.yaml").training.save_dir == "m"
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = write(tmp_path, "base: &b {save_dir: x, num_train_steps: 3}\ntraining:\n  <<: *b\n  save_dir: y\n")
+
+    class WithBase(Root):
+        base: Training
+
+    config = load_config(WithBase, path)
+    assert (config.training.save_dir, config.training.num_train_steps) == ("y", 3)

@@ -19,6 +19,8 @@ from typing import ClassVar
 import pydantic
 
 from tml.core.config.base import BaseConfig
+from tml.core.config.training import EmbeddingShardingConfig
+from tml.optimizers.config import EmbeddingOptimizerConfig
 
 # A split-tower feature is a dense tensor name, optionally with a column range: "continuous[0:100]".
 FEATURE_SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<start>\d+):(?P<stop>\d+)\])?$")
@@ -243,6 +245,9 @@ class LargeTableConfig(BaseConfig):
     )
     pooling: PoolingType = pydantic.Field(PoolingType.sum, description="How a bag of ids is pooled.")
     pretrained: PretrainedConfig | None = pydantic.Field(None, description="Initial rows from a file.")
+    sharding: EmbeddingShardingConfig | None = pydantic.Field(
+        None, description="Placement of this table across ranks (None: the planner decides)."
+    )
 
     @property
     def features(self) -> list[str]:
@@ -251,6 +256,9 @@ class LargeTableConfig(BaseConfig):
 
 class LargeEmbeddingsConfig(BaseConfig):
     tables: list[LargeTableConfig] = pydantic.Field(..., min_length=1, description="Embedding-bag tables.")
+    optimizer: EmbeddingOptimizerConfig = pydantic.Field(
+        ..., description="Optimizer of every table, fused into the backward pass where the device allows."
+    )
 
     @pydantic.model_validator(mode="after")
     def _unique(self) -> LargeEmbeddingsConfig:

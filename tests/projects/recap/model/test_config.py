@@ -103,13 +103,17 @@ def test_featurization_groups_and_removed_keys():
     _reject("only -1", featurization_config={"double_norm_log_config": {"layer_norm_config": {"axis": 0}}})
 
 
+OPT = {"sgd": {"learning_rate": 0.1}}
+
+
 def test_embedding_table_keys():
     table = {"name": "t", "num_embeddings": 4, "embedding_dim": 2}
-    _reject("vocab", large_embeddings={"tables": [{**table, "vocab": "x"}]})
-    _reject("duplicate name 't'", large_embeddings={"tables": [table, table]})
+    _reject("vocab", large_embeddings={"optimizer": OPT, "tables": [{**table, "vocab": "x"}]})
+    _reject("duplicate name 't'", large_embeddings={"optimizer": OPT, "tables": [table, table]})
     _reject(
         "duplicate name 'f'",
         large_embeddings={
+            "optimizer": OPT,
             "tables": [{**table, "feature_names": ["f"]}, {**table, "name": "u", "feature_names": ["f"]}]
         },
     )
@@ -117,7 +121,7 @@ def test_embedding_table_keys():
         "duplicate name 's'",
         small_embeddings={"tables": [{"name": "s", "num_embeddings": 2, "embedding_dim": 2, "index": 0}] * 2},
     )
-    _reject("pooling", large_embeddings={"tables": [{**table, "pooling": "max"}]})
+    _reject("pooling", large_embeddings={"optimizer": OPT, "tables": [{**table, "pooling": "max"}]})
     _reject("duplicate name 'x'", stratifiers=[{"name": "x", "index": 0, "value": 1}] * 2)
 
 
@@ -166,7 +170,7 @@ def test_build_time_checks():
     _build_fails(r"must be in \(0, 1\]", _config(), rates={"a.b": (1.0, 0.0)})
     _build_fails("names collide", _config(tasks={"a.b": TOWER, "a__b": TOWER}))
     _build_fails("dense_embeddings.names: dense tensor 'nope'", _config(dense_embeddings={"names": ["nope"]}))
-    large = {"tables": [{"name": "t", "num_embeddings": 4, "embedding_dim": 2}]}
+    large = {"optimizer": OPT, "tables": [{"name": "t", "num_embeddings": 4, "embedding_dim": 2}]}
     _build_fails(
         r"table 't': sparse features \['t'\] are not in the data",
         _config(large_embeddings=large),

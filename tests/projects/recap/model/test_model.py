@@ -203,6 +203,7 @@ def test_large_embeddings_pool_bags_and_load_pretrained(tmp_path):
         ]
     }
     torch.manual_seed(0)
+    large["optimizer"] = {"sgd": {"learning_rate": 0.1}}
     config = ModelConfig.model_validate({"tasks": {"t": _tower()}, "large_embeddings": large})
     model = build_model(config, WIDTHS, ["user_id", "author_id"], {})
     segs = model.segments(_batch(n_tasks=1, b=2, sparse=_kjt()))

@@ -1,0 +1,58 @@
+"""Evaluation of every `validation_data` partition: per task and per segment metrics, logged and tabulated."""
+
+from __future__ import annotations
+
+import torch
+
+from tml.core.distributed import DistEnv
+from tml.core.eval_loop import evaluate
+from tml.ml_logging.metrics import MetricLogger
+from tml.projects.home.recap.build import build_metrics, build_validation_data
+from tml.projects.home.recap.config import RecapConfig
+
+
+def validate(
+    config: RecapConfig,
+    module: torch.nn.Module,
+    env: DistEnv,
+    metric_logger: MetricLogger,
+    step: int,
+    bf16: bool,
+) -> dict[str, float]:
+    """Evaluate each partition; returns and logs `eval/<partition>/[<segment>/]<task>/<metric>`."""
+    steps = config.training.num_eval_steps
+    steps = None if steps is None or steps < 0 else steps
+    results: dict[str, float] = {}
+    for name, data in config.validation_data.items():
+        metrics = build_metrics(config, env.device)
+        values = evaluate(
+            module,
+            build_validation_data(data, config, env),
+            metrics,
+            steps,
+            env,
+            bf16=bf16,
+            desc=f"eval/{name}",
+            log_every_n=config.training.eval_log_every_n,
+        )
+        keep = set(data.evaluation_tasks)
+        for key, value in values.items():
+            task = key.split("/")[-2]
+            if not keep or task in keep:
+                results[f"eval/{name}/{key}"] = value
+    metric_logger.log(step, results)
+    return results
+
+
+def print_table(results: dict[str, float]) -> str:
+    """One row per (partition, segment, task), one column per metric."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        row, _, metric = key.rpartition("/")
+        rows.setdefault(row.removeprefix("eval/"), {})[metric] = value
+    columns = ["auroc", "pr_auc", "log_loss", "rce", "nrce", "calibration", "mean_label", "count"]
+    width = max([len(r) for r in rows] + [4])
+    lines = [f"{'':{width}}  " + "  ".join(f"{c:>11}" for c in columns)]
+    for row, values in rows.items():
+        lines.append(f"{row:{width}}  " + "  ".join(f"{values.get(c, float('nan')):>11.4g}" for c in columns))
+    return "\n".join(lines)
