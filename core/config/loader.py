@@ -50,15 +50,16 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def substitute_env(text: str, source: str, env: Mapping[str, str] | None = None) -> str:
     """Replace every `${VAR}` in `text` with the environment's value; a missing variable is an error."""
     env = os.environ if env is None else env
-
-    def replace(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in env:
-            line = text.count("\n", 0, match.start()) + 1
-            raise ConfigError(f"{source} line {line}: environment variable ${{{name}}} is not set")
-        return env[name]
-
-    return _ENV_VAR.sub(replace, text)
+    lines = text.splitlines(True)
+    for number, line in enumerate(lines, start=1):
+        # Full-line comments are left alone: documenting `${VAR}` in a comment must not require it.
+        if line.lstrip().startswith("#"):
+            continue
+        for name in _ENV_VAR.findall(line):
+            if name not in env:
+                raise ConfigError(f"{source} line {number}: environment variable ${{{name}}} is not set")
+        lines[number - 1] = _ENV_VAR.sub(lambda match: env[match.group(1)], line)
+    return "".join(lines)
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:

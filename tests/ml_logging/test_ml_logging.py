@@ -16,8 +16,10 @@ def test_metric_logger_writes_jsonl_and_tensorboard(tmp_path):
     metrics.log(200, {"train/loss": float("nan")})
     metrics.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"step": 100, "train/loss": 0.41, "train/examples_per_s": 5321.0},
-                       {"step": 200, "train/loss": "nan"}]
+    assert records == [
+        {"step": 100, "train/loss": 0.41, "train/examples_per_s": 5321.0},
+        {"step": 200, "train/loss": "nan"},
+    ]
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 

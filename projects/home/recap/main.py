@@ -154,11 +154,12 @@ def generate_data(
     from tml.projects.home.recap.data.synthetic import generate
 
     setup_logging(0)
-    splits = [("train", config.train_data, num_examples, seed)]
-    for i, (name, data) in enumerate(config.validation_data.items()):
-        splits.append((name, data, max(1, int(num_examples * validation_fraction)), seed + 1 + i))
-    for name, data, count, split_seed in splits:
-        oracle = generate(data, count, os.path.join(output, name), seed=split_seed)
+    # Every split shares the seed, hence the label function; `split` draws different rows.
+    splits = [("train", config.train_data, num_examples)]
+    for name, data in config.validation_data.items():
+        splits.append((name, data, max(1, int(num_examples * validation_fraction))))
+    for split, (name, data, count) in enumerate(splits):
+        oracle = generate(data, count, os.path.join(output, name), seed=seed, split=split)
         logger.info(
             "%s: %d examples in %s; oracle AUC %s",
             name,

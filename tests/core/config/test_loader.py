@@ -178,3 +178,8 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
 
     config = load_config(WithBase, path)
     assert (config.training.save_dir, config.training.num_train_steps) == ("y", 3)
+
+
+def test_comments_are_not_substituted(tmp_path):
+    path = write(tmp_path, "# run with ${UNSET_VAR}\ntraining: {save_dir: x}\n")
+    assert load_config(Root, path, env={}).training.save_dir == "x"

@@ -240,6 +240,7 @@ def generate(
     num_files: int = 4,
     rows_per_row_group: int = 16384,
     progress: bool = True,
+    split: int = 0,
 ) -> dict[str, float]:
     """Write `num_examples` rows (before downsampling) as `num_files` Parquet files; return oracle AUCs.
 
@@ -251,6 +252,8 @@ def generate(
         num_files: number of shards.
         rows_per_row_group: rows drawn and written at a time (bounds memory).
         progress: show progress (a bar on a terminal, log lines otherwise).
+        split: which sample of the same generating model to draw: train and validation data share `seed`
+            (so they share the label function) and differ in `split`.
 
     Returns:
         task -> AUC of the true probability against the drawn labels (the best any model can reach).
@@ -277,7 +280,7 @@ def generate(
             chunk_rows = min(rows_per_row_group, rows - start)
             table = pa.concat_tables(
                 _sample_chunk(
-                    world, np.random.default_rng([seed, 2, file_index, chunk_index, part]), size, auc
+                    world, np.random.default_rng([seed, 2, split, file_index, chunk_index, part]), size, auc
                 )
                 for part, size in enumerate(_split(chunk_rows, step))
             )

@@ -114,7 +114,7 @@ def test_embedding_table_keys():
         "duplicate name 'f'",
         large_embeddings={
             "optimizer": OPT,
-            "tables": [{**table, "feature_names": ["f"]}, {**table, "name": "u", "feature_names": ["f"]}]
+            "tables": [{**table, "feature_names": ["f"]}, {**table, "name": "u", "feature_names": ["f"]}],
         },
     )
     _reject(
