@@ -36,7 +36,7 @@ from tml.projects.home.recap.data.features import (
     EmbeddingBlock,
     IdColumn,
 )
-from tml.projects.home.recap.data.labels import AucHistogram, LabelModel, base_rate
+from tml.projects.home.recap.data.labels import SHARED_LATENT, AucHistogram, LabelModel, base_rate
 from tml.reader.config import DataConfig
 from tml.reader.schema import resolve_dense_specs
 
@@ -205,14 +205,18 @@ def _sample_chunk(world: _World, rng: np.random.Generator, rows: int, auc: AucHi
         columns.update(zip(source.columns, _dense_arrays(source, values), strict=True))
     keep = None
     if world.tasks:
-        logits = world.labels.logits(*_label_inputs(world, sample))
+        inputs = _label_inputs(world, sample)
+        logits = world.labels.logits(*inputs)
         labels = rng.random(logits.shape, dtype=np.float32) < 1.0 / (1.0 + np.exp(-logits))
+        # The oracle ranks by what the features can tell: the logit without the unobserved factor u
+        # (E_u[sigmoid(z + c u)] is increasing in z, so this is the AUC of the best possible model).
+        observable = logits - SHARED_LATENT * inputs[-1][:, None]
         if (world.rates < 1).any():
             keep_rate = np.where(labels, world.rates[1], world.rates[0]).max(axis=1)
             keep = rng.random(rows) < keep_rate
-            logits, labels = logits[keep], labels[keep]
+            observable, labels = observable[keep], labels[keep]
         if auc is not None:
-            auc.add(logits, labels)
+            auc.add(observable, labels)
         for index, task in enumerate(world.tasks):
             columns[task] = pa.array(labels[:, index].astype(np.int64))
     for column, values in zip([*world.sparse, *world.ids], [*sample["sparse"], *sample["ids"]], strict=True):
