@@ -91,7 +91,7 @@ def train(config: RecapConfig) -> None:
         env,
         options,
         metric_logger,
-        checkpointer if start_step < t.num_train_steps else None,
+        checkpointer,
         evaluate if config.validation_data else None,
         start_step,
         batches_trained,
