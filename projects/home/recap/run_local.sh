@@ -7,7 +7,7 @@ export TML_DATA=${TML_DATA:-$PWD/data} TML_RUNS=${TML_RUNS:-$PWD/runs}
 CONFIG=projects/home/recap/config/local.yaml
 BIN=.venv/bin
 if [ ! -f "$TML_DATA/local/train/oracle_auc.json" ]; then
-  "$BIN/tml-recap" generate-data --config "$CONFIG" --num-examples 1000000 --output "$TML_DATA/local" \
+  "$BIN/tml-recap" generate-data --config "$CONFIG" --num-examples 2000000 --output "$TML_DATA/local" \
     --validation-fraction 0.1
 fi
 "$BIN/tml-recap" train --config "$CONFIG" "$@"

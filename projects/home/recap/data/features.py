@@ -179,5 +179,16 @@ class IdColumn:
 
     def sample(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         rank = (rng.random(rows) ** 3 * self.vocab).astype(np.int64)
+        return self.id_of_rank(rank)
+
+    def id_of_rank(self, rank: np.ndarray) -> np.ndarray:
+        """The id of each popularity rank (0 = most popular)."""
         # An affine map with a multiplier coprime to vocab is a bijection on [0, vocab).
         return (rank * self.multiplier + self.offset) % self.vocab
+
+    def popularity_rank(self) -> np.ndarray:
+        """[vocab]: the popularity rank of each id."""
+        ranks = np.arange(self.vocab, dtype=np.int64)
+        out = np.empty(self.vocab, dtype=np.int64)
+        out[self.id_of_rank(ranks)] = ranks
+        return out

@@ -5,18 +5,19 @@ bits, embedding vectors; each group scaled to unit total variance), categorical 
 
     numeric_t  = tanh(phi @ W1) @ w2_t + phi @ l_t            (a one-hidden-layer random network)
     discrete_t = sum over informative discrete columns of effect_t[value]
-    sparse_t   = sum over sparse id columns of effect_t[id]
+    sparse_t   = sum over sparse id columns of effect_t[id] / sqrt(1 + rank(id) / HEAD_IDS)
     logit_t    = scale_t * (numeric_t + 0.5 discrete_t + 0.7 sparse_t) + 0.5 u + bias_t
     label_t    ~ Bernoulli(sigmoid(logit_t))
 
 Every per-task weight is `0.8 * shared + 0.6 * own`, and `u` ~ N(0, 1) is one unobserved factor per row
-shared by all tasks, so labels are correlated. Components are standardized and `scale_t` set on a
+shared by all tasks, so labels are correlated. An id's effect shrinks with its popularity rank, as with
+real authors: the popular ones differ and are seen often enough to learn, the long tail is near average. Components are standardized and `scale_t` set on a
 calibration sample so the signal has std SIGNAL_STD; `bias_t` is found by bisection to hit the task's base
 rate (BASE_RATES, DEFAULT_BASE_RATE otherwise).
 
 Example:
-    model = LabelModel.create(rng, phi_widths=[32, 16], discrete_cards=[[5, 40]], sparse_vocabs=[1000],
-                              num_tasks=2)
+    model = LabelModel.create(rng, phi_widths=[32, 16], discrete_cards=[[5, 40]],
+                              sparse_ranks=[np.arange(1000)], num_tasks=2)
     model.calibrate(phi_groups, discrete, sparse, u, base_rates=[0.03, 0.01])
     logits = model.logits(phi_groups, discrete, sparse, u)     # [N, T]
 """
@@ -41,6 +42,7 @@ DEFAULT_BASE_RATE = 0.05
 SIGNAL_STD = 1.6
 SHARED_LATENT = 0.5
 HIDDEN = 16
+HEAD_IDS = 100
 
 
 def base_rate(task: str) -> float:
@@ -76,12 +78,12 @@ class LabelModel:
         rng: np.random.Generator,
         phi_widths: list[int],
         discrete_cards: list[list[int]],
-        sparse_vocabs: list[int],
+        sparse_ranks: list[np.ndarray],
         num_tasks: int,
     ) -> LabelModel:
         width = sum(phi_widths)
         return cls(
-            w1=(rng.standard_normal((width, HIDDEN)) * 1.5 / np.sqrt(max(len(phi_widths), 1))).astype(
+            w1=(rng.standard_normal((width, HIDDEN)) * 1.0 / np.sqrt(max(len(phi_widths), 1))).astype(
                 np.float32
             ),
             w2=_task_weights(rng, (HIDDEN,), num_tasks),
@@ -89,7 +91,10 @@ class LabelModel:
             discrete_effects=[
                 [_task_weights(rng, (card,), num_tasks) for card in cards] for cards in discrete_cards
             ],
-            sparse_effects=[_task_weights(rng, (vocab,), num_tasks) for vocab in sparse_vocabs],
+            sparse_effects=[
+                _task_weights(rng, (len(ranks),), num_tasks) / np.sqrt(1.0 + ranks / HEAD_IDS)[:, None]
+                for ranks in sparse_ranks
+            ],
         )
 
     def _phi(self, phi_groups: list[np.ndarray]) -> np.ndarray:

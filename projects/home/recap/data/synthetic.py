@@ -137,7 +137,7 @@ def build_world(config: DataConfig, seed: int) -> _World:
         rng,
         phi_widths=[_signal_width(s.block) for s in numeric],
         discrete_cards=[list(s.block.cardinality[s.block.informative]) for s in discrete],
-        sparse_vocabs=[column.vocab for column in sparse.values()],
+        sparse_ranks=[column.popularity_rank() for column in sparse.values()],
         num_tasks=len(tasks),
     )
     world = _World(dense, sparse, ids, tasks, rates.T.reshape(2, len(tasks)), config.weight_column, labels)
