@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -125,10 +126,15 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     # -- save ----------------------------------------------------------------------------------
-    def maybe_save(self, step: int, extra: dict) -> bool:
-        """Save when `step` is a multiple of every_n or a signal arrived (then exit via Preempted)."""
-        stop = any_rank_true(self._signal is not None, self.env.device)
+    def maybe_save(self, step: int, extra: dict, before_save: Callable[[int], None] | None = None) -> bool:
+        """Save when `step` is a multiple of every_n or a signal arrived (then exit via Preempted).
+
+        `before_save(step)` runs on every rank just before a save (the loop checks its losses there).
+        """
+        stop = any_rank_true(self._signal is not None, self.env)
         if (step % self.every_n == 0 or stop) and self.latest_step() != step:
+            if before_save is not None:
+                before_save(step)
             self.save(step, extra)
         if stop:
             logger.info("stopping after the checkpoint of step %d (signal)", step)

@@ -36,6 +36,9 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    # Group for the loop's yes/no agreements (data left, stop requested): gloo on CPU tensors, so that
+    # they never synchronise the GPU stream. None means the default group (already gloo).
+    control_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -91,7 +94,8 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
             # One process without torchrun: an in-memory store needs no port.
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(**kwargs)
-    env = DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend)
+    control = dist.new_group(backend="gloo") if backend != "gloo" else None
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend, control)
     logger.info("distributed: rank %d of %d on %s (%s)", env.rank, env.world_size, env.device, backend)
     return env
 
@@ -125,15 +129,28 @@ def run_distributed(fn: Callable[[], Any]) -> Any:
     return result
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on every rank (one tiny all_reduce)."""
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return bool(tensor.item())
+def all_ranks_true(flag: bool, env: DistEnv) -> bool:
+    """True when `flag` is true on every rank (one tiny CPU all_reduce; none on a single rank)."""
+    return _agree(flag, env, dist.ReduceOp.MIN)
 
 
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on at least one rank (one tiny all_reduce)."""
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+def any_rank_true(flag: bool, env: DistEnv) -> bool:
+    """True when `flag` is true on at least one rank (one tiny CPU all_reduce; none on a single rank)."""
+    return _agree(flag, env, dist.ReduceOp.MAX)
+
+
+def min_over_ranks(value: float, env: DistEnv) -> float:
+    """The smallest `value` over all ranks (one tiny CPU all_reduce; none on a single rank)."""
+    if env.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=env.control_group)
+    return float(tensor.item())
+
+
+def _agree(flag: bool, env: DistEnv, op) -> bool:
+    if env.world_size == 1:
+        return bool(flag)
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(tensor, op=op, group=env.control_group)
     return bool(tensor.item())

@@ -52,7 +52,7 @@ def evaluate(
     bar = progress_bar(limit, desc, env.rank)
     while limit is None or rounds < limit:
         batch = next(it, None)
-        if not any_rank_true(batch is not None, env.device):
+        if not any_rank_true(batch is not None, env):
             break
         if batch is None and last is None:
             raise RuntimeError(

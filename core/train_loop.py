@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from tml.core.distributed import DistEnv, all_ranks_true, any_rank_true
+from tml.core.distributed import DistEnv, all_ranks_true, min_over_ranks
 from tml.ml_logging.log import get_logger
 from tml.ml_logging.progress import progress_bar
 
@@ -90,7 +90,7 @@ class _AgreedIterator:
         if self.done:
             raise StopIteration
         batch = next(self.it, None)
-        if not all_ranks_true(batch is not None, self.env.device):
+        if not all_ranks_true(batch is not None, self.env):
             self.done = True
             raise StopIteration
         return batch
@@ -162,42 +162,41 @@ def train(
     """Train from `start_step` to `options.num_train_steps` or until any rank's data ends.
 
     `optimizers[0]` is the dense optimizer (its param groups' `name` label `train/lr/<name>`; clipping
-    applies to it). `checkpointer.maybe_save(step, extra)` and `evaluate(step)` are called after steps.
+    applies to it). `checkpointer.maybe_save(step, extra, before_save)` and `evaluate(step)` are called
+    after steps. Losses are read (and checked for NaN/inf) at log lines, evaluations, saves and the end.
     """
     module.train()
     control = _StepControl(optimizers, scheduler, options.gradient_accumulation, options.clip_grad_norm)
     progress, pipeline = _make_progress(module, control, env, options)
     data, step, losses = _AgreedIterator(batches, env), start_step, []
     bar = progress_bar(options.num_train_steps - start_step, "train", env.rank)
-    window = _Window()
+    window = _Window(env, checkpointer, losses)
     while step < options.num_train_steps:
-        step_loss = 0.0
+        step_loss = None
         try:
             for _ in range(options.gradient_accumulation):
                 loss, outputs = progress(data)
                 batches_trained += 1
-                step_loss += loss.item() / options.gradient_accumulation
+                # Kept on the device: reading it every step would stall the GPU (see _Window.verify).
+                loss = loss / options.gradient_accumulation
+                step_loss = loss if step_loss is None else step_loss + loss
                 window.examples += int(outputs["labels"].shape[0])
         except StopIteration:
             logger.info("data ended on a rank after %d steps; all ranks stop", step)
             break
         step += 1
-        if any_rank_true(not math.isfinite(step_loss), env.device):
-            last = checkpointer.latest_step() if checkpointer is not None else None
-            raise NonFiniteLossError(
-                f"loss is NaN/inf at step {step} (this rank: {step_loss}); last good checkpoint: "
-                f"{'step ' + str(last) if last is not None else 'none'}"
-            )
-        losses.append(step_loss)
-        window.loss += step_loss
-        window.steps += 1
-        bar.update(1, loss=step_loss)
+        window.pending.append(step_loss)
+        bar.update(1)
         if step % options.train_log_every_n == 0 or step == options.num_train_steps:
+            window.verify(step)
+            bar.update(0, loss=window.loss / max(window.steps, 1))
             window = _log_train(metric_logger, step, optimizers[0], env, window)
         if checkpointer is not None:
-            checkpointer.maybe_save(step, {"batches_yielded": batches_trained})
+            checkpointer.maybe_save(step, {"batches_yielded": batches_trained}, before_save=window.verify)
         if evaluate is not None and options.eval_every_n and step % options.eval_every_n == 0:
+            window.verify(step)
             _run_eval(evaluate, step, module, pipeline)
+    window.verify(step)
     bar.close()
     return TrainResult(step, batches_trained, losses)
 
@@ -211,20 +210,44 @@ def _run_eval(evaluate, step: int, module, pipeline) -> None:
     module.train()
 
 
-@dataclasses.dataclass
 class _Window:
-    """Sums since the last train log line."""
+    """The steps since the last train log line; step losses wait on the device until `verify`."""
 
-    loss: float = 0.0
-    steps: int = 0
-    examples: int = 0
-    start: float = dataclasses.field(default_factory=time.monotonic)
+    def __init__(self, env: DistEnv, checkpointer, losses: list[float]) -> None:
+        self.env, self.checkpointer, self.losses = env, checkpointer, losses
+        self.pending: list[torch.Tensor] = []
+        self.loss, self.steps, self.examples = 0.0, 0, 0
+        self.start = time.monotonic()
+
+    def verify(self, step: int) -> None:
+        """Read the pending step losses (one host sync) and stop every rank if one is not finite.
+
+        Called at log lines, evaluations, before every checkpoint and at the end, so a non-finite loss is
+        caught before anything is saved, at the cost of up to train_log_every_n wasted steps.
+        """
+        values = (
+            torch.stack([p.detach().float() for p in self.pending]).cpu().tolist() if self.pending else []
+        )
+        self.pending = []
+        first = step - len(values)
+        bad = next((first + i + 1 for i, v in enumerate(values) if not math.isfinite(v)), math.inf)
+        bad = min_over_ranks(bad, self.env)  # every rank takes part, with or without pending losses
+        if bad != math.inf:
+            last = self.checkpointer.latest_step() if self.checkpointer is not None else None
+            raise NonFiniteLossError(
+                f"loss is NaN/inf at step {int(bad)} on some rank (seen when the losses were read at step "
+                f"{step}); last good checkpoint: {'step ' + str(last) if last is not None else 'none'}"
+            )
+        self.losses.extend(values)
+        self.loss += sum(values)
+        self.steps += len(values)
 
 
 def _log_train(metric_logger, step: int, optimizer, env: DistEnv, window: _Window) -> _Window:
     # One all_reduce for both figures: the mean loss over ranks and the global example count.
-    totals = torch.tensor([window.loss, float(window.examples)], dtype=torch.float64, device=env.device)
-    torch.distributed.all_reduce(totals)
+    totals = torch.tensor([window.loss, float(window.examples)], dtype=torch.float64)
+    if env.world_size > 1:
+        torch.distributed.all_reduce(totals, group=env.control_group)
     if metric_logger is not None:
         metrics = {
             "train/loss": totals[0].item() / env.world_size / max(window.steps, 1),
@@ -233,4 +256,4 @@ def _log_train(metric_logger, step: int, optimizer, env: DistEnv, window: _Windo
         for group in optimizer.param_groups:
             metrics[f"train/lr/{group.get('name', 'default')}"] = float(group["lr"])
         metric_logger.log(step, metrics)
-    return _Window()
+    return _Window(env, window.checkpointer, window.losses)

@@ -76,6 +76,7 @@ def build_optimizer(
     grouped = _group_parameters(named_parameters, groups, config.learning_rate)
     param_groups = [{"params": params, "name": name, "lr": 1.0} for name, _, params in grouped]
     kind, algo = which_one(config, OptimizerConfig.exactly_one_of[0])
+    params = [p for group in param_groups for p in group["params"]]
     if kind == "adam":
         cls = torch.optim.AdamW if algo.weight_decay > 0 else torch.optim.Adam
         optimizer = cls(
@@ -84,10 +85,15 @@ def build_optimizer(
             betas=(algo.beta_1, algo.beta_2),
             eps=algo.epsilon,
             weight_decay=algo.weight_decay,
+            **_implementation(params, fused_devices=("cpu", "cuda")),
         )
     elif kind == "sgd":
         optimizer = torch.optim.SGD(
-            param_groups, lr=1.0, momentum=algo.momentum, weight_decay=algo.weight_decay
+            param_groups,
+            lr=1.0,
+            momentum=algo.momentum,
+            weight_decay=algo.weight_decay,
+            **_implementation(params, fused_devices=("cpu", "cuda")),
         )
     else:
         optimizer = torch.optim.Adagrad(
@@ -96,6 +102,7 @@ def build_optimizer(
             eps=algo.epsilon,
             initial_accumulator_value=algo.initial_accumulator_value,
             weight_decay=algo.weight_decay,
+            **_implementation(params, fused_devices=("cpu",)),
         )
     lambdas = [(lambda step, s=schedule: learning_rate_at(s, step)) for _, schedule, _ in grouped]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
@@ -125,3 +132,14 @@ def fused_supported(config: EmbeddingOptimizerConfig, device_type: str) -> bool:
     """Whether the table algorithm can run fused in the backward pass on `device_type`."""
     kind, _ = which_one(config, EmbeddingOptimizerConfig.exactly_one_of[0])
     return device_type == "cuda" or kind in CPU_FUSED
+
+
+def _implementation(params: list[torch.Tensor], fused_devices: tuple[str, ...]) -> dict[str, bool]:
+    """torch's fused kernel (one kernel over all parameters) where it exists for these parameters'
+    device and dtype, else the multi-tensor one; torch's default on CPU is a per-parameter Python loop,
+    which costs ~15% of a small model's step."""
+    devices = {p.device.type for p in params}
+    floats = all(p.is_floating_point() for p in params)
+    if params and floats and len(devices) == 1 and devices <= set(fused_devices):
+        return {"fused": True}
+    return {"foreach": True} if params and floats else {}

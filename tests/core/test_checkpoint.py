@@ -107,6 +107,9 @@ def _reshard_job(save_dir: str, steps: int) -> dict:
         sharded.module, [optimizer], scheduler, batches, env, LoopOptions(num_train_steps=steps), None, ckpt
     )
     result = {"start": start, "loaded": loaded, "final": _snapshot(sharded), "lr": lr_after_load}
+    result["ddp"] = any(
+        isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in sharded.module.modules()
+    )
     if env.world_size == 1 and start > 0:
         result["warm"] = _warm_start(env, save_dir)
     shutdown()
@@ -130,6 +133,8 @@ def test_reshard_one_two_one_and_warm_start(run_ranks, tmp_path):
     two = run_ranks(_reshard_job, 2, save_dir, 4)
     (back,) = run_ranks(_reshard_job, 1, save_dir, 6)
     assert [one["start"], two[0]["start"], back["start"]] == [0, 2, 4]
+    # One rank skips DDP around the dense part; checkpoints still move between the two layouts.
+    assert [one["ddp"], two[0]["ddp"], back["ddp"]] == [False, True, False]
     for rank_result in two:
         for key, value in one["final"].items():
             torch.testing.assert_close(rank_result["loaded"][key], value, rtol=0, atol=0)

@@ -116,3 +116,24 @@ def test_in_backward_parameters_skipped_and_algorithms():
         model.named_parameters(), OptimizerConfig(adam={"weight_decay": 0.1}, learning_rate={"constant": 1})
     )
     assert isinstance(adamw, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("algorithm", [{"adam": {}}, {"sgd": {"momentum": 0.9}}, {"adagrad": {}}])
+def test_fused_kernel_on_cpu_matches_the_reference_loop(algorithm):
+    # The builder picks torch's fused kernel: it must be picked, and step like the per-parameter loop.
+    config = OptimizerConfig(**algorithm, learning_rate={"constant": 0.01})
+    fast_model, slow_model = _model(), _model()
+    slow_model.load_state_dict(fast_model.state_dict())
+    fast, _ = build_optimizer(fast_model.named_parameters(), config)
+    assert fast.defaults["fused"] is True
+    slow = type(fast)(slow_model.parameters(), **{**fast.defaults, "fused": False, "lr": 0.01})
+    for model, optimizer in ((fast_model, fast), (slow_model, slow)):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.01
+        for seed in range(3):
+            inputs = torch.randn(4, 2, generator=torch.Generator().manual_seed(seed))
+            optimizer.zero_grad()
+            sum(m(inputs).square().sum() for m in (model.backbone, model.towers)).backward()
+            optimizer.step()
+    for fast_param, slow_param in zip(fast_model.parameters(), slow_model.parameters(), strict=True):
+        torch.testing.assert_close(fast_param, slow_param)
