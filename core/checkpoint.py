@@ -25,22 +25,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from tml.core.distributed import DistEnv, any_rank_true
+from tml.core.sharding import clean_name
 from tml.ml_logging.log import get_logger
 
 logger = get_logger(__name__)
 MARKER = "COMPLETE"
-_WRAPPERS = ("_dmp_wrapped_module.", "module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without DMP/DDP wrapper prefixes, the same at every world size."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPERS:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix) :], True
-    return name
 
 
 def model_state(module: nn.Module) -> dict:

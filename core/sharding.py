@@ -28,6 +28,18 @@ from tml.optimizers.config import EmbeddingOptimizerConfig
 logger = get_logger(__name__)
 
 MODEL_PARALLEL = ("table_wise", "row_wise", "table_row_wise", "column_wise")
+_WRAPPERS = ("_dmp_wrapped_module.", "module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without DMP/DDP wrapper prefixes, the same at every world size."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPERS:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
 
 
 @dataclasses.dataclass
@@ -45,11 +57,14 @@ class ShardedModel:
     table_parameters: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def dense_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Parameters for the dense optimizer: not fused in backward, not owned by a table optimizer."""
+        """Parameters for the dense optimizer: not fused in backward, not owned by a table optimizer.
+
+        Names are the model's own (`clean_name`), the same at every world size and wrapper.
+        """
         skip = set(self.table_parameters.values())
         for name, param in self.module.named_parameters():
             if name not in skip and not is_in_backward(param):
-                yield name, param
+                yield clean_name(name), param
 
     @property
     def fused_optimizer(self):

@@ -82,20 +82,11 @@ def build_recap_optimizer(config: RecapConfig, sharded: ShardedModel):
     prefixes = parameter_groups(inner)
     schedules: dict[str, LearningRate] = {"backbone": opt.multi_task_learning_rates.backbone_learning_rate}
     schedules.update(opt.multi_task_learning_rates.tower_learning_rates)
-    names = [name for name, _ in sharded.dense_named_parameters()]
-    groups = {group: (_qualify(prefixes[group], names), schedule) for group, schedule in schedules.items()}
+    groups = {
+        group: ([prefix.rstrip(".") for prefix in prefixes[group]], schedule)
+        for group, schedule in schedules.items()
+    }
     return build_optimizer(sharded.dense_named_parameters(), dense, groups)
-
-
-def _qualify(prefixes: list[str], names: list[str]) -> list[str]:
-    """Prefixes of the bare train module, extended by whatever wrapper prefix (DDP/DMP) the names carry."""
-    wrapper = ""
-    for name in names:
-        index = name.find("model.")
-        if index >= 0:
-            wrapper = name[:index]
-            break
-    return [wrapper + prefix.rstrip(".") for prefix in prefixes]
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
