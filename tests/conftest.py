@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -48,13 +49,30 @@ def free_port() -> int:
 
 
 def launch_ranks(fn, world_size: int, *args, timeout: float = 300.0, extra_env: dict | None = None):
-    """Run module-level `fn(*args)` on `world_size` fresh processes; return their results."""
+    """Run module-level `fn(*args)` on `world_size` fresh processes; return their results.
+
+    The port is free when picked but another process may take it before rank 0's store binds it; such a
+    launch is retried on a new port (twice at most). Any other failure raises at once.
+    """
+    for attempt in range(3):
+        try:
+            return _launch_once(fn, world_size, args, timeout, extra_env)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+
+
+class _PortTaken(AssertionError):
+    pass
+
+
+def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: dict | None):
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         args_file = os.path.join(tmp, "args.pkl")
         with open(args_file, "wb") as f:
             pickle.dump(args, f)
-        procs = []
+        procs, log_files = [], []
         for rank in range(world_size):
             env = {
                 **os.environ,
@@ -68,26 +86,49 @@ def launch_ranks(fn, world_size: int, *args, timeout: float = 300.0, extra_env: 
             }
             out = os.path.join(tmp, f"out{rank}.pkl")
             cmd = [sys.executable, "-c", _CHILD, inspect.getfile(fn), fn.__name__, args_file, out]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        logs = []
+            log_files.append(open(os.path.join(tmp, f"log{rank}.txt"), "wb"))  # noqa: SIM115
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log_files[-1], stderr=subprocess.STDOUT))
         try:
-            for proc in procs:
-                logs.append(proc.communicate(timeout=timeout)[0].decode(errors="replace"))
+            _wait(procs, timeout)
         finally:
-            for proc in procs:
+            for proc, log_file in zip(procs, log_files, strict=True):
                 if proc.poll() is None:
                     proc.kill()
+                    proc.wait()
+                log_file.close()
+        logs = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"log{rank}.txt"), "rb") as f:
+                logs.append(f.read().decode(errors="replace"))
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if failed:
             tails = "\n".join(
                 f"--- rank {r} (exit {procs[r].returncode}) ---\n{logs[r][-4000:]}" for r in failed
             )
-            raise AssertionError(f"ranks {failed} failed:\n{tails}")
+            taken = any(
+                "EADDRINUSE" in logs[r] or "address already in use" in logs[r].lower() for r in failed
+            )
+            raise (_PortTaken if taken else AssertionError)(f"ranks {failed} failed:\n{tails}")
         results = []
         for rank in range(world_size):
             with open(os.path.join(tmp, f"out{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float, grace: float = 3.0) -> None:
+    """Wait for every process; once one fails, the others get `grace` seconds (they may be blocked on the
+    failed one) before they are killed. Raises TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs):
+            deadline = min(deadline, time.monotonic() + grace)
+            grace = float("inf")  # set the shortened deadline once
+        if time.monotonic() > deadline:
+            if any(p.returncode not in (None, 0) for p in procs):
+                return  # the caller kills the rest and reports the failure
+            raise TimeoutError(f"ranks still running after {timeout} s")
+        time.sleep(0.05)
 
 
 @pytest.fixture
