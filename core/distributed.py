@@ -100,6 +100,23 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
     return env
 
 
+def configure_cpu_threads(requested: int | None, reserved: int = 1) -> int:
+    """Set torch's intra-op thread count and return it.
+
+    `requested` wins; else OMP_NUM_THREADS (already applied by torch) is kept; else this process's share
+    of the usable cores (LOCAL_WORLD_SIZE processes per machine) minus `reserved` cores for other busy
+    threads (the data reader), at least 1. OpenMP threads that compete with other threads for the same
+    cores wait on each other at every parallel region, which costs far more than the thread they add.
+    """
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        requested = max(1, cores // max(_env_int("LOCAL_WORLD_SIZE", 1), 1) - reserved)
+    torch.set_num_threads(requested)
+    return requested
+
+
 def shutdown() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
     if dist.is_initialized():

@@ -55,6 +55,15 @@ class TrainingConfig(BaseConfig):
     collective_timeout_s: int = _F(
         600, ge=1, description="Seconds a collective may wait for other ranks before the job fails."
     )
+    num_threads: int | None = _F(
+        None,
+        ge=1,
+        description=(
+            "torch's intra-op CPU threads per process. None: OMP_NUM_THREADS when set (torchrun sets 1), "
+            "else this process's share of the cores minus one left to the data reader's decoding threads "
+            "(oversubscribed cores halve CPU training speed)."
+        ),
+    )
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> TrainingConfig:

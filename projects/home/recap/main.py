@@ -13,7 +13,7 @@ import sys
 import torch
 
 from tml.core.config.loader import ConfigError, load_config, save_config
-from tml.core.distributed import DistEnv, init_distributed, run_distributed
+from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, run_distributed
 from tml.ml_logging.log import get_logger, setup_logging
 from tml.projects.home.recap.config import RecapConfig
 
@@ -24,6 +24,8 @@ def _runtime(config: RecapConfig) -> DistEnv:
     t = config.training
     env = init_distributed(t.backend, t.device, t.collective_timeout_s)
     setup_logging(env.rank)
+    threads = configure_cpu_threads(t.num_threads)
+    logger.info("torch CPU threads per process: %d", threads)
     torch.manual_seed(t.seed)
     return env
 
