@@ -7,9 +7,10 @@ this repository's tests):
     .venv/bin/python benchmarks/bench_real_data.py [--work /tmp/tml-real]
 
 Converts the Parquet file inside the wheel into the schema of
-projects/home/recap/config/examples/womens_clothing.yaml (80/20 split by a fixed seed), trains the ranker with
-`tml-recap train`, then fits scikit-learn's LogisticRegression on the same features (age, review length, one-hot
-item and categories, bag of words) per task and prints both models' AUROC on the validation split.
+projects/home/recap/config/examples/womens_clothing.yaml (80/20 split by a fixed seed), runs `tml-recap
+compute-stats` and `tml-recap train`, then fits scikit-learn's LogisticRegression on the same features (age,
+review length, one-hot item and categories, bag of words) per task and prints both models' AUROC on the
+validation split.
 """
 
 from __future__ import annotations
@@ -126,12 +127,9 @@ def main() -> None:
     splits = convert(source_table(args.work), os.path.join(env["TML_DATA"], "womens_clothing"))
     run = os.path.join(env["TML_RUNS"], "womens_clothing")
     subprocess.run(["rm", "-rf", run], check=True)
-    subprocess.run(
-        [sys.executable, "-m", "tml.projects.home.recap.main", "train", "--config", CONFIG],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    for mode in ("compute-stats", "train"):
+        cmd = [sys.executable, "-m", "tml.projects.home.recap.main", mode, "--config", CONFIG]
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f if "eval/valid/recommended/auroc" in line][-1]
     ours = {task: last[f"eval/valid/{task}/auroc"] for task in TASKS}
