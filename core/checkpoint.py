@@ -115,12 +115,26 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     # -- save ----------------------------------------------------------------------------------
-    def maybe_save(self, step: int, extra: dict, before_save: Callable[[int], None] | None = None) -> bool:
+    @property
+    def stop_requested(self) -> bool:
+        """A SIGTERM/SIGINT arrived on this rank (see install_signal_handlers)."""
+        return self._signal is not None
+
+    def maybe_save(
+        self,
+        step: int,
+        extra: dict,
+        before_save: Callable[[int], None] | None = None,
+        stop: bool | None = None,
+    ) -> bool:
         """Save when `step` is a multiple of every_n or a signal arrived (then exit via Preempted).
 
         `before_save(step)` runs on every rank just before a save (the loop checks its losses there).
+        `stop`: whether any rank has a stop request, when the caller already agreed on it (the train loop
+        does, overlapped with compute); None: agree here (one tiny all_reduce).
         """
-        stop = any_rank_true(self._signal is not None, self.env)
+        if stop is None:
+            stop = any_rank_true(self.stop_requested, self.env)
         if (step % self.every_n == 0 or stop) and self.latest_step() != step:
             if before_save is not None:
                 before_save(step)

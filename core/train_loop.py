@@ -78,35 +78,40 @@ class _StepControl:
 
 class _AgreedIterator:
     """Yields while every rank still has a batch, so a rank whose share ends first stops every rank at
-    the same batch (no hang in the next collective). Agreeing costs one tiny all_reduce per batch; it is
-    started one batch ahead and waited for a step later, so it overlaps the step's compute."""
+    the same batch (no hang in the next collective), and carries the ranks' agreement on a stop request
+    (`stop_agreed`, the same on every rank after the same batch). Agreeing costs one tiny all_reduce per
+    batch; it is started one batch ahead and waited for a step later, so it overlaps the step's compute."""
 
-    def __init__(self, batches: Iterable, env: DistEnv) -> None:
-        self.it, self.env, self.done = iter(batches), env, False
-        self.ahead: tuple | None = None  # (batch or None, agreement flag, async work or None)
+    def __init__(self, batches: Iterable, env: DistEnv, stop_requested: Callable[[], bool]) -> None:
+        self.it, self.env, self.stop_requested = iter(batches), env, stop_requested
+        self.done, self.stop_agreed = False, False
+        self.ahead: tuple | None = None  # (batch or None, agreement flags, async work or None)
 
     def __iter__(self) -> Iterator:
         return self
 
     def _fetch(self) -> None:
         batch = next(self.it, None)
-        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+        # MIN over ranks of [has a batch, has no stop request].
+        flags = torch.tensor([batch is not None, not self.stop_requested()], dtype=torch.int32)
         work = None
         if self.env.world_size > 1:
             work = torch.distributed.all_reduce(
-                flag, op=torch.distributed.ReduceOp.MIN, group=self.env.control_group, async_op=True
+                flags, op=torch.distributed.ReduceOp.MIN, group=self.env.control_group, async_op=True
             )
-        self.ahead = (batch, flag, work)
+        self.ahead = (batch, flags, work)
 
     def __next__(self):
         if self.done:
             raise StopIteration
         if self.ahead is None:
             self._fetch()
-        batch, flag, work = self.ahead
+        batch, flags, work = self.ahead
         if work is not None:
             work.wait()
-        if not flag.item():
+        all_have_batch, none_stop = flags.tolist()
+        self.stop_agreed = self.stop_agreed or not none_stop
+        if not all_have_batch:
             self.done, self.ahead = True, None
             raise StopIteration
         self._fetch()
@@ -185,13 +190,14 @@ def train(
     """Train from `start_step` to `options.num_train_steps` or until any rank's data ends.
 
     `optimizers[0]` is the dense optimizer (its param groups' `name` label `train/lr/<name>`; clipping
-    applies to it). `checkpointer.maybe_save(step, extra, before_save)` and `evaluate(step)` are called
+    applies to it). `checkpointer.maybe_save(step, extra, before_save, stop)` and `evaluate(step)` are called
     after steps. Losses are read (and checked for NaN/inf) at log lines, evaluations, saves and the end.
     """
     module.train()
     control = _StepControl(optimizers, scheduler, options.gradient_accumulation, options.clip_grad_norm)
     progress, pipeline = _make_progress(module, control, env, options)
-    data, step, losses = _AgreedIterator(batches, env), start_step, []
+    stop_requested = (lambda: checkpointer.stop_requested) if checkpointer is not None else (lambda: False)
+    data, step, losses = _AgreedIterator(batches, env, stop_requested), start_step, []
     bar = progress_bar(options.num_train_steps - start_step, "train", env.rank)
     window = _Window(env, checkpointer, losses)
     while step < options.num_train_steps:
@@ -215,7 +221,8 @@ def train(
             bar.update(0, loss=window.loss / max(window.steps, 1))
             window = _log_train(metric_logger, step, optimizers[0], env, window)
         if checkpointer is not None:
-            checkpointer.maybe_save(step, {"batches_yielded": batches_trained}, before_save=window.verify)
+            extra = {"batches_yielded": batches_trained}
+            checkpointer.maybe_save(step, extra, before_save=window.verify, stop=data.stop_agreed)
         if evaluate is not None and options.eval_every_n and step % options.eval_every_n == 0:
             window.verify(step)
             _run_eval(evaluate, step, module, pipeline)

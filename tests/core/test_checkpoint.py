@@ -148,3 +148,40 @@ def test_reshard_one_two_one_and_warm_start(run_ranks, tmp_path):
     torch.testing.assert_close(warm["a"], back["final"]["a"], rtol=0, atol=0)
     torch.testing.assert_close(warm["mlp.2.weight"], back["final"]["mlp.2.weight"], rtol=0, atol=0)
     torch.testing.assert_close(warm["c"], warm["fresh_c"], rtol=0, atol=0)
+
+
+def _sigterm_job(save_dir: str) -> dict:
+    """Rank 1 gets SIGTERM after step 3: every rank saves one checkpoint at the same step and exits 0."""
+    from tml.core.checkpoint import Checkpointer, Preempted
+    from tml.core.distributed import init_distributed, shutdown
+    from tml.core.train_loop import LoopOptions, train
+
+    env = init_distributed("gloo", "cpu")
+    sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING)
+    ckpt = Checkpointer(save_dir, sharded.module, {"dense": optimizer}, scheduler, env, every_n=100)
+    ckpt.install_signal_handlers()
+
+    def signal_rank_one(step):
+        if step == 3 and env.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    options = LoopOptions(num_train_steps=20, eval_every_n=1)
+    try:
+        batches = tiny.rank_batches(env, 0, 1000)
+        train(sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, signal_rank_one)
+        result = {"preempted": False}
+    except Preempted as stop:
+        result = {"preempted": True, "code": stop.code}
+    result["latest"] = ckpt.latest_step()
+    shutdown()
+    return result
+
+
+@pytest.mark.distributed
+def test_sigterm_on_one_rank_stops_every_rank_after_one_checkpoint(run_ranks, tmp_path):
+    results = run_ranks(_sigterm_job, 2, str(tmp_path / "run"))
+    assert [r["preempted"] for r in results] == [True, True]
+    assert {r["code"] for r in results} == {0}
+    # The agreement travels one batch ahead: the stop lands within two steps of the signal, on both ranks.
+    latest = {r["latest"] for r in results}
+    assert len(latest) == 1 and 4 <= latest.pop() <= 5
