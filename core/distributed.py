@@ -146,28 +146,20 @@ def run_distributed(fn: Callable[[], Any]) -> Any:
     return result
 
 
-def all_ranks_true(flag: bool, env: DistEnv) -> bool:
-    """True when `flag` is true on every rank (one tiny CPU all_reduce; none on a single rank)."""
-    return _agree(flag, env, dist.ReduceOp.MIN)
-
-
 def any_rank_true(flag: bool, env: DistEnv) -> bool:
-    """True when `flag` is true on at least one rank (one tiny CPU all_reduce; none on a single rank)."""
-    return _agree(flag, env, dist.ReduceOp.MAX)
+    """True when `flag` is true on at least one rank."""
+    return bool(_reduce_scalar(1.0 if flag else 0.0, env, dist.ReduceOp.MAX))
 
 
 def min_over_ranks(value: float, env: DistEnv) -> float:
-    """The smallest `value` over all ranks (one tiny CPU all_reduce; none on a single rank)."""
+    """The smallest `value` over all ranks."""
+    return _reduce_scalar(value, env, dist.ReduceOp.MIN)
+
+
+def _reduce_scalar(value: float, env: DistEnv, op) -> float:
+    # One tiny all_reduce on the CPU control group (no GPU sync); none on a single rank.
     if env.world_size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=env.control_group)
-    return float(tensor.item())
-
-
-def _agree(flag: bool, env: DistEnv, op) -> bool:
-    if env.world_size == 1:
-        return bool(flag)
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(tensor, op=op, group=env.control_group)
-    return bool(tensor.item())
+    return float(tensor.item())
