@@ -118,15 +118,15 @@ def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: di
 
 def _wait(procs: list[subprocess.Popen], timeout: float, grace: float = 3.0) -> None:
     """Wait for every process; once one fails, the others get `grace` seconds (they may be blocked on the
-    failed one) before they are killed. Raises TimeoutError after `timeout`."""
-    deadline = time.monotonic() + timeout
+    failed one) before the caller kills them. Raises TimeoutError after `timeout`."""
+    start, failed_at = time.monotonic(), None
     while any(p.poll() is None for p in procs):
-        if any(p.returncode not in (None, 0) for p in procs):
-            deadline = min(deadline, time.monotonic() + grace)
-            grace = float("inf")  # set the shortened deadline once
-        if time.monotonic() > deadline:
-            if any(p.returncode not in (None, 0) for p in procs):
-                return  # the caller kills the rest and reports the failure
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = now
+        if failed_at is not None and now - failed_at > grace:
+            return
+        if now - start > timeout:
             raise TimeoutError(f"ranks still running after {timeout} s")
         time.sleep(0.05)
 
