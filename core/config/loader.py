@@ -1,5 +1,8 @@
 """The one config loader: YAML (local path or fsspec URL) -> `${ENV}` substitution -> dotted overrides -> validation.
 
+Anchors and aliases are expanded into independent copies before overrides apply, so an override changes
+exactly the key it names. docs/config.md describes the syntax for users.
+
 Every error is a `ConfigError` naming the file and the dotted key path, e.g.
 `local.yaml: model.tasks.fav.mlp_config.layer_sizes: Input should be a valid list`.
 """
@@ -17,12 +20,15 @@ import fsspec
 import pydantic
 import yaml
 
+from tml.core.errors import UserError
+
 C = TypeVar("C", bound=pydantic.BaseModel)
 
-_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# The inside of `${...}`: NAME, NAME:-default or NAME-default.
+_ENV_REFERENCE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be read or does not validate; the message names the file and key."""
 
 
@@ -48,18 +54,58 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def substitute_env(text: str, source: str, env: Mapping[str, str] | None = None) -> str:
-    """Replace every `${VAR}` in `text` with the environment's value; a missing variable is an error."""
+    """Replace `${VAR}`, `${VAR:-default}` and `${VAR-default}` in `text` with the environment's values.
+
+    Shell semantics: `${VAR:-default}` takes the default when VAR is unset or empty, `${VAR-default}` only
+    when it is unset; a bare `${VAR}` that is unset is an error. The default is the text up to the first
+    `}` (it may hold `/`, `.`, `-`, spaces); nested `${...}` are rejected. Full-line comments are skipped.
+    """
     env = os.environ if env is None else env
     lines = text.splitlines(True)
     for number, line in enumerate(lines, start=1):
         # Full-line comments are left alone: documenting `${VAR}` in a comment must not require it.
         if line.lstrip().startswith("#"):
             continue
-        for name in _ENV_VAR.findall(line):
-            if name not in env:
-                raise ConfigError(f"{source} line {number}: environment variable ${{{name}}} is not set")
-        lines[number - 1] = _ENV_VAR.sub(lambda match: env[match.group(1)], line)
+        lines[number - 1] = _substitute_line(line, env, f"{source} line {number}")
     return "".join(lines)
+
+
+def _substitute_line(line: str, env: Mapping[str, str], where: str) -> str:
+    parts, pos = [], 0
+    while (start := line.find("${", pos)) != -1:
+        end = line.find("}", start)
+        if end == -1:
+            raise ConfigError(f"{where}: '${{' without a closing '}}'")
+        body = line[start + 2 : end]
+        if "${" in body:
+            raise ConfigError(
+                f"{where}: nested '${{' inside '{line[start : end + 1]}' is not supported; "
+                "a default is plain text"
+            )
+        parts += [line[pos:start], _env_value(body, env, where)]
+        pos = end + 1
+    return "".join([*parts, line[pos:]])
+
+
+def _env_value(body: str, env: Mapping[str, str], where: str) -> str:
+    match = _ENV_REFERENCE.fullmatch(body)
+    if match is None:
+        raise ConfigError(
+            f"{where}: '${{{body}}}' is not a variable reference; expected ${{NAME}}, ${{NAME:-default}} "
+            "or ${NAME-default} (NAME: letters, digits, _)"
+        )
+    name, operator, default = match.groups()
+    value = env.get(name)
+    if operator == ":-":
+        return value if value else default
+    if operator == "-":
+        return default if value is None else value
+    if value is None:
+        raise ConfigError(
+            f"{where}: environment variable ${{{name}}} is not set (set it, or give a default: "
+            f"${{{name}:-value}})"
+        )
+    return value
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
@@ -77,7 +123,21 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+    return _expand_aliases(data)
+
+
+def _expand_aliases(value: Any) -> Any:
+    """Rebuild the parsed tree so that every `*alias` and `<<: *merge` is an independent copy.
+
+    PyYAML returns one shared object for an anchor and all its aliases (merged mappings share their
+    values too): an override of one tower's `pos_weight` would change every tower that aliases it.
+    (Recursive anchors never get here: the parser rejects them.)
+    """
+    if isinstance(value, dict):
+        return {key: _expand_aliases(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand_aliases(item) for item in value]
+    return value  # scalars are immutable
 
 
 def _unwrap_optional(annotation: Any) -> Any:

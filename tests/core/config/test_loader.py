@@ -183,3 +183,163 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
 def test_comments_are_not_substituted(tmp_path):
     path = write(tmp_path, "# run with ${UNSET_VAR}\ntraining: {save_dir: x}\n")
     assert load_config(Root, path, env={}).training.save_dir == "x"
+
+
+def _paths(tree, prefix=""):
+    """Every leaf of a dumped config as `dotted.path -> value`."""
+    if isinstance(tree, dict) and tree:
+        return {p: v for k, item in tree.items() for p, v in _paths(item, f"{prefix}{k}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _changed(before, after):
+    a, b = _paths(before.model_dump()), _paths(after.model_dump())
+    return {p for p in a.keys() | b.keys() if a.get(p) != b.get(p)}
+
+
+class Data(BaseConfig):
+    inputs: str
+    shuffle: dict[str, int] = {}
+    columns: list[str] = []
+
+
+class Aliased(BaseConfig):
+    rates: dict[str, float]
+    tasks: dict[str, Head]
+    tables: list[Head] = []
+    more_tables: list[Head] = []
+    train_data: Data
+    validation_data: dict[str, Data]
+
+
+ALIASED = """
+rates:
+  backbone: &lr 0.003
+  a: *lr
+  b: *lr
+tasks:
+  a: &tower {layer_sizes: &sizes [4, 1], pos_weight: 1.0}
+  b: *tower
+  c: {layer_sizes: *sizes}
+tables: &tables
+  - {layer_sizes: [2]}
+more_tables: *tables
+train_data: &data
+  inputs: train/*.parquet
+  shuffle: {seed: 0, buffer: 16}
+  columns: [x, y]
+validation_data:
+  valid:
+    <<: *data
+    inputs: valid/*.parquet
+"""
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tasks.a.pos_weight=5",
+        "tasks.b.layer_sizes=[8, 1]",
+        "rates.backbone=0.01",
+        "train_data.shuffle.seed=7",
+        "validation_data.valid.shuffle.buffer=4",
+        "train_data.columns=[z]",
+        "more_tables=[{layer_sizes: [3]}]",
+    ],
+)
+def test_override_of_an_aliased_key_changes_only_that_key(tmp_path, override):
+    path = write(tmp_path, ALIASED)
+    before = load_config(Aliased, path)
+    after = load_config(Aliased, path, [override])
+    assert _changed(before, after) == {override.partition("=")[0]}
+
+
+def test_parsed_tree_shares_no_section_between_aliases():
+    from tml.core.config.loader import parse_yaml
+
+    seen: dict[int, str] = {}
+
+    def walk(node, where):
+        if isinstance(node, (dict, list)):
+            assert id(node) not in seen, f"{where} is the same object as {seen[id(node)]}"
+            seen[id(node)] = where
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, item in items:
+                walk(item, f"{where}.{key}")
+
+    data = parse_yaml(ALIASED, "aliased.yaml")
+    walk(data, "")
+    assert data["validation_data"]["valid"]["columns"] == ["x", "y"]
+    assert data["more_tables"] == data["tables"]
+
+
+def test_recursive_alias_is_rejected():
+    from tml.core.config.loader import parse_yaml
+
+    with pytest.raises(
+        ConfigError, match="r.yaml line 1 column 4: invalid YAML: found unconstructable recursive"
+    ):
+        parse_yaml("a: &a\n  b: *a\n", "r.yaml")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.tasks.recap.engagement.is_favorited.pos_weight=5",
+        "optimizer.multi_task_learning_rates.backbone_learning_rate.linear_ramp_to_cosine.learning_rate=0.01",
+        "train_data.shuffle.seed=7",
+    ],
+)
+def test_local_yaml_overrides_change_one_key(override):
+    # The issue's reproducers: local.yaml shares towers (*tower), learning rates (*lr) and data (<<: *data).
+    import pathlib
+
+    from tml.projects.home.recap.config import RecapConfig
+
+    local = str(pathlib.Path(__file__).parents[3] / "projects/home/recap/config/local.yaml")
+    env = {"TML_DATA": "/d", "TML_RUNS": "/r"}
+    before = load_config(RecapConfig, local, env=env)
+    after = load_config(RecapConfig, local, [override], env=env)
+    assert _changed(before, after) == {override.partition("=")[0]}
+    key = override.partition("=")[0]
+    assert load_config(RecapConfig, local, [f"{key}={_paths(before.model_dump())[key]}"], env=env) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${D:-data}/x", {}, "data/x"),
+        ("${D:-data}/x", {"D": ""}, "data/x"),
+        ("${D:-data}/x", {"D": "/mnt"}, "/mnt/x"),
+        ("${D-data}/x", {}, "data/x"),
+        ("${D-data}/x", {"D": ""}, "/x"),
+        ("${D:-}/x", {}, "/x"),
+        ("'${D:-/a b/c-1.2}'", {}, "/a b/c-1.2"),
+        ("${A:-a}-${B:-b}", {"B": "2"}, "a-2"),
+        ("${D}", {"D": "${NOT_EXPANDED}"}, "${NOT_EXPANDED}"),
+    ],
+)
+def test_env_defaults_follow_the_shell(tmp_path, text, env, expected):
+    path = write(tmp_path, f"training:\n  save_dir: {text}\n")
+    assert load_config(Root, path, env=env).training.save_dir == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("${A:-${B}}", r"c.yaml line 2: nested '\$\{' inside '\$\{A:-\$\{B\}' is not supported"),
+        ("${A:?must be set}", r"c.yaml line 2: '\$\{A:\?must be set\}' is not a variable reference"),
+        ("${lower case}", r"'\$\{lower case\}' is not a variable reference; expected \$\{NAME\}"),
+        ("${A", r"c.yaml line 2: '\$\{' without a closing '\}'"),
+        ("${A}", r"c.yaml line 2: environment variable \$\{A\} is not set \(set it, or give a default"),
+    ],
+)
+def test_bad_env_references_are_named(tmp_path, text, message):
+    path = write(tmp_path, f"training:\n  save_dir: {text}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(Root, path, env={})
+
+
+def test_comments_with_defaults_are_not_substituted(tmp_path):
+    path = write(tmp_path, "  # ${A:-${B}} and ${C\ntraining: {save_dir: '${S:-runs}'}\n")
+    assert load_config(Root, path, env={}).training.save_dir == "runs"
