@@ -1,104 +1,73 @@
 """A block of decoded rows (one row group, or a shuffle window) and the row operations batching needs.
 
-Shapes for a chunk of n rows: dense tensors [n, width], labels / weights [n, T], ids [n], and per sparse
-feature flat values [N_f] with offsets [n + 1]. Slicing keeps views where it can; concatenation and
-permutation copy.
+A `TensorChunk` of n rows holds named tensors whose first dimension is n ([n], [n, width], ...) and named
+jagged columns, each flat values [N] with offsets [n + 1] (row i owns values[offsets[i]:offsets[i + 1]]).
+It implements the `Chunk` protocol of tml.reader.decoder for any decoder. Slicing keeps views where it
+can; concatenation and `take` copy.
 
 Example:
-    both = Chunk.concat([chunk_a, chunk_b])
-    batch = both.slice(0, 512).to_batch(sparse_keys=["user_topics"])
+    chunk = TensorChunk(3, {"label": torch.tensor([0.0, 1.0, 1.0])},
+                        {"tags": (torch.tensor([7, 8, 9]), torch.tensor([0, 2, 2, 3]))})
+    both = TensorChunk.concat([chunk, chunk])   # 6 rows
+    first = both.slice(0, 4).take(torch.tensor([3, 0]))
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable, Sequence
 
 import torch
 
-from tml.reader.batch import RecapBatch
-from tml.reader.sparse import build_kjt
-
 
 @dataclasses.dataclass
-class Chunk:
-    """Decoded rows; `nonfinite` counts non-finite dense values met while decoding (per dense name)."""
+class TensorChunk:
+    """Decoded rows.
 
-    dense: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    weights: torch.Tensor
-    ids: dict[str, torch.Tensor]
-    sparse_values: list[torch.Tensor]
-    sparse_offsets: list[torch.Tensor]
-    nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)
+    Args:
+        num_rows: n.
+        tensors: key -> tensor [n, ...].
+        jagged: key -> (values [N], offsets [n + 1] int64).
+    """
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.labels.shape[0])
+    num_rows: int
+    tensors: dict[Hashable, torch.Tensor]
+    jagged: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
-    def slice(self, start: int, stop: int) -> Chunk:
+    def slice(self, start: int, stop: int) -> TensorChunk:
         if start == 0 and stop == self.num_rows:
             return self
-        values, offsets = [], []
-        for flat, offset in zip(self.sparse_values, self.sparse_offsets, strict=True):
-            begin, end = int(offset[start]), int(offset[stop])
-            values.append(flat[begin:end])
-            offsets.append(offset[start : stop + 1] - begin)
-        return Chunk(
-            dense={name: tensor[start:stop] for name, tensor in self.dense.items()},
-            labels=self.labels[start:stop],
-            weights=self.weights[start:stop],
-            ids={name: tensor[start:stop] for name, tensor in self.ids.items()},
-            sparse_values=values,
-            sparse_offsets=offsets,
-        )
+        jagged = {}
+        for key, (values, offsets) in self.jagged.items():
+            begin, end = int(offsets[start]), int(offsets[stop])
+            jagged[key] = (values[begin:end], offsets[start : stop + 1] - begin)
+        tensors = {key: tensor[start:stop] for key, tensor in self.tensors.items()}
+        return TensorChunk(stop - start, tensors, jagged)
 
-    def take(self, rows: torch.Tensor) -> Chunk:
-        """Rows in the order of the int64 index tensor `rows`."""
-        values, offsets = [], []
-        for flat, offset in zip(self.sparse_values, self.sparse_offsets, strict=True):
-            lengths = (offset[1:] - offset[:-1])[rows]
+    def take(self, rows: torch.Tensor) -> TensorChunk:
+        jagged = {}
+        for key, (values, offsets) in self.jagged.items():
+            lengths = (offsets[1:] - offsets[:-1])[rows]
             new_offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
             torch.cumsum(lengths, 0, out=new_offsets[1:])
-            # Position of every output value in `flat`: its row's old start plus its rank within the row.
-            shift = torch.repeat_interleave(offset[:-1][rows] - new_offsets[:-1], lengths)
-            values.append(flat[shift + torch.arange(int(new_offsets[-1]))])
-            offsets.append(new_offsets)
-        return Chunk(
-            dense={name: tensor[rows] for name, tensor in self.dense.items()},
-            labels=self.labels[rows],
-            weights=self.weights[rows],
-            ids={name: tensor[rows] for name, tensor in self.ids.items()},
-            sparse_values=values,
-            sparse_offsets=offsets,
-        )
+            # Position of every output value in `values`: its row's old start plus its rank within the row.
+            shift = torch.repeat_interleave(offsets[:-1][rows] - new_offsets[:-1], lengths)
+            jagged[key] = (values[shift + torch.arange(int(new_offsets[-1]))], new_offsets)
+        tensors = {key: tensor[rows] for key, tensor in self.tensors.items()}
+        return TensorChunk(len(rows), tensors, jagged)
 
-    @staticmethod
-    def concat(chunks: list[Chunk]) -> Chunk:
+    @classmethod
+    def concat(cls, chunks: Sequence[TensorChunk]) -> TensorChunk:
         if len(chunks) == 1:
             return chunks[0]
         first = chunks[0]
-        values, offsets = [], []
-        for key in range(len(first.sparse_values)):
-            values.append(torch.cat([chunk.sparse_values[key] for chunk in chunks]))
+        jagged = {}
+        for key in first.jagged:
             parts, base = [torch.zeros(1, dtype=torch.int64)], 0
             for chunk in chunks:
-                parts.append(chunk.sparse_offsets[key][1:] + base)
-                base += int(chunk.sparse_offsets[key][-1])
-            offsets.append(torch.cat(parts))
-        return Chunk(
-            dense={name: torch.cat([chunk.dense[name] for chunk in chunks]) for name in first.dense},
-            labels=torch.cat([chunk.labels for chunk in chunks]),
-            weights=torch.cat([chunk.weights for chunk in chunks]),
-            ids={name: torch.cat([chunk.ids[name] for chunk in chunks]) for name in first.ids},
-            sparse_values=values,
-            sparse_offsets=offsets,
-        )
-
-    def to_batch(self, sparse_keys: list[str]) -> RecapBatch:
-        sparse = None
-        if sparse_keys:
-            lengths = [offset[1:] - offset[:-1] for offset in self.sparse_offsets]
-            sparse = build_kjt(sparse_keys, self.sparse_values, lengths)
-        return RecapBatch(
-            dense=self.dense, labels=self.labels, weights=self.weights, sparse=sparse, ids=self.ids
-        )
+                offsets = chunk.jagged[key][1]
+                parts.append(offsets[1:] + base)
+                base += int(offsets[-1])
+            jagged[key] = (torch.cat([chunk.jagged[key][0] for chunk in chunks]), torch.cat(parts))
+        tensors = {key: torch.cat([chunk.tensors[key] for chunk in chunks]) for key in first.tensors}
+        return cls(sum(chunk.num_rows for chunk in chunks), tensors, jagged)

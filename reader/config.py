@@ -114,7 +114,11 @@ class SparseFeature(BaseConfig):
         description="Column in the files: int64, string, list<int64> or list<string>."
     )
     num_buckets: int | None = pydantic.Field(
-        None, gt=0, description="When set, ids (hashed or not) are taken modulo this (non-negative result)."
+        None,
+        gt=0,
+        le=2**63 - 1,
+        description="When set, ids (hashed or not, negative ones included) are taken modulo this, so every "
+        "id delivered lies in [0, num_buckets).",
     )
 
 

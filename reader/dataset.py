@@ -1,70 +1,78 @@
-"""The Parquet dataset: an iterable of RecapBatch-es for one rank, resumable by batch count.
+"""The Parquet dataset: one rank's stream of batches over any table layout, resumable and checkable.
 
-Per batch (B = global_batch_size // world_size, T = len(label_names)): `dense` tensors [B, width],
-`labels` / `weights` [B, T] float32, `ids` [B] int64, `sparse` a KeyedJaggedTensor or None. The last
-batch of each epoch on a rank may be smaller; nothing is dropped. At construction every file's footer is
-read (in parallel) to check its columns and count rows per row group; no data is decoded until iteration.
+`ParquetDataset` is the engine: it resolves `inputs`, reads every footer (in parallel; the decoder checks
+each file's columns there, before any training), deals non-empty row groups to ranks so every row is read
+exactly once per epoch (tml.reader.sharding), and iterates in background threads (tml.reader.pipeline).
+What a row becomes is the decoder's business (tml.reader.decoder); the engine knows nothing of labels,
+dense features or KeyedJaggedTensors. Batches hold B = global_batch_size // world_size rows; the last
+batch of each epoch on a rank may be smaller, nothing is dropped.
+
+`build_dataset` is the ranking dataset (RecapBatch-es, tml.reader.ranking) built from a `DataConfig`.
 
 Example:
     dataset = build_dataset(config.train_data, label_names=["is_clicked"], rank=0, world_size=2)
     for batch in dataset:
         ...
-    state = dataset.state_dict()          # {"batches_yielded": n}
-    dataset.load_state_dict(state)        # the next iter() continues at batch n, nothing re-decoded
+    state = dataset.state_dict(batches=120)   # plain JSON data: the data plan and the position
+    dataset.load_state_dict(state)            # the next iter() continues after batch 120, nothing re-decoded
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
+import posixpath
 import threading
 import weakref
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tml.reader.arrow_to_torch import DataError, DecodePlan, check_schema
 from tml.reader.config import DataConfig
+from tml.reader.decoder import DataError, Decoder
 from tml.reader.fs import list_inputs, open_input
 from tml.reader.pipeline import BatchIterator, Source
-from tml.reader.schema import resolve_dense_specs
+from tml.reader.ranking import ranking_decoder
 from tml.reader.sharding import EpochPlan, Unit, epoch_plan
-from tml.reader.sparse import SparseSpec
+from tml.reader.state import DataPlan, InputFiles, Position, decode_state, encode_state, replan
 
 logger = logging.getLogger(__name__)
 
 _FROM_CONFIG: Any = object()
+BatchT = TypeVar("BatchT")
 
 
-def _read_footer(fs, path: str, plan: DecodePlan) -> pq.FileMetaData:
+def _read_footer(fs, path: str, decoder: Decoder) -> pq.FileMetaData:
     with open_input(fs, path) as handle:
         parquet = pq.ParquetFile(handle)
-        check_schema(parquet.schema_arrow, path, plan)
+        decoder.check_schema(parquet.schema_arrow, path)
         return parquet.metadata
 
 
-class ParquetDataset:
-    """Iterable of RecapBatch-es over this rank's share of the files; built by `build_dataset`.
+class ParquetDataset(Generic[BatchT]):
+    """Iterable of the decoder's batches over this rank's share of the row groups.
 
     Args:
-        inputs: glob, directory, file or fsspec URL.
-        decode: what to decode (see DecodePlan).
-        batch_size: rows per batch on this rank.
+        inputs: glob, directory, file or fsspec URL (tml.reader.fs.list_inputs).
+        decoder: what a row group becomes (tml.reader.decoder.Decoder).
+        global_batch_size: rows per step over all ranks (divisible by world_size).
         rank / world_size: this process's place among the readers.
         num_epochs: passes over the data, None for endless.
         seed / shuffle_units / buffer_size: shuffling (see tml.reader.sharding).
         num_workers / prefetch_batches: decoding threads and ready-batch queue size.
         skip_unreadable_files: skip (count, log) files that are not Parquet instead of raising.
 
-    `stats` counts files, unreadable files, row groups, rows, rows decoded, batches and non-finite values.
+    `stats` counts files, unreadable files, row groups, rows, rows decoded, batches, and the decoder's own
+    counters. `plan` is the data plan (tml.reader.state.DataPlan) that states record.
     """
 
     def __init__(
         self,
         inputs: str,
-        decode: DecodePlan,
-        batch_size: int,
+        decoder: Decoder[BatchT],
+        global_batch_size: int,
         rank: int,
         world_size: int,
         num_epochs: int | None,
@@ -75,19 +83,26 @@ class ParquetDataset:
         prefetch_batches: int,
         skip_unreadable_files: bool,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by the world size {world_size}"
+            )
         fs, paths = list_inputs(inputs)
         self.stats: dict[str, int] = dict.fromkeys(
             ["files", "unreadable_files", "row_groups", "empty_row_groups", "rows", "rows_read", "batches",
-             "nonfinite"], 0
+             *decoder.stat_names], 0
         )  # fmt: skip
-        footers = self._scan(fs, paths, decode, num_workers, skip_unreadable_files)
-        units = []
+        footers = self._scan(fs, paths, decoder, num_workers, skip_unreadable_files)
+        units, readable, row_groups = [], [], []
         for index, footer in enumerate(footers):
             if footer is None:
                 continue
             self.stats["files"] += 1
-            for group in range(footer.num_row_groups):
-                rows = footer.row_group(group).num_rows
+            readable.append(paths[index])
+            row_groups.append([footer.row_group(group).num_rows for group in range(footer.num_row_groups)])
+            for group, rows in enumerate(row_groups[-1]):
                 self.stats["row_groups"] += 1
                 self.stats["empty_row_groups"] += rows == 0
                 self.stats["rows"] += rows
@@ -105,32 +120,44 @@ class ParquetDataset:
             if num_epochs is None:
                 raise ValueError(message)
             logger.warning(message)
+        self.plan = DataPlan(
+            inputs=InputFiles.of(readable, row_groups),
+            global_batch_size=global_batch_size,
+            world_size=world_size,
+            rank=rank,
+            num_epochs=num_epochs,
+            seed=seed,
+            shuffle_files=shuffle_units,
+            buffer_size=buffer_size,
+        )
+        self._inputs = inputs
         self._units = units
         self._plans: dict[int, EpochPlan] = {}
         self._plans_lock = threading.Lock()
-        self._batch_size = batch_size
+        self._epoch_rows: dict[int, int] = {}  # this rank's rows per epoch: one int each, kept for seeking
+        self._batch_size = self.plan.batch_size
         self._num_epochs = num_epochs
-        self._plan_args = dict(
-            rank=rank, world_size=world_size, seed=seed, shuffle_units=shuffle_units, buffer_size=buffer_size
-        )
         self._source = Source(
             fs=fs,
             paths=tuple(paths),
             metadata=tuple(footers),
-            decode=decode,
-            batch_size=batch_size,
+            decoder=decoder,
+            batch_size=self._batch_size,
             num_epochs=num_epochs,
             plan_epoch=self.plan_epoch,
             num_workers=num_workers,
             prefetch_batches=prefetch_batches,
         )
+        self._start = Position(0, 0, 0)  # where the current (or next resumed) stream starts
+        self._resume_next = False
         self._batches_yielded = 0
-        self._start = 0
         self._iterator: weakref.ref | None = None
+        if rank == 0:
+            logger.info("%s", self.plan_summary())
 
-    def _scan(self, fs, paths, decode, num_workers, skip) -> list[pq.FileMetaData | None]:
+    def _scan(self, fs, paths, decoder, num_workers, skip) -> list[pq.FileMetaData | None]:
         with concurrent.futures.ThreadPoolExecutor(max(num_workers, 4)) as pool:
-            futures = [pool.submit(_read_footer, fs, path, decode) for path in paths]
+            futures = [pool.submit(_read_footer, fs, path, decoder) for path in paths]
             footers: list[pq.FileMetaData | None] = []
             for path, future in zip(paths, futures, strict=True):
                 try:
@@ -143,43 +170,84 @@ class ParquetDataset:
                     footers.append(None)
         return footers
 
+    def plan_summary(self) -> str:
+        """One paragraph: what this run reads (files, rows, folders, first and last files) and how."""
+        files = self.plan.inputs
+        names = [name for name, _ in files.files]
+        shown = names if len(names) <= 6 else [*names[:3], "...", *names[-2:]]
+        text = (
+            f"inputs {self._inputs!r}: {len(names)} files, {files.num_rows} rows in {files.num_row_groups} "
+            f"row groups under {files.root or '.'} ({', '.join(shown)})"
+        )
+        folders = collections.Counter(posixpath.dirname(name) or "." for name in names)
+        if len(folders) > 1:
+            most = [f"{folder}/ ({count})" for folder, count in folders.most_common(6)]
+            text += (
+                f"; files from {len(folders)} folders: {', '.join(most)}{', ...' if len(folders) > 6 else ''}"
+            )
+        if self.stats["unreadable_files"]:
+            text += f"; {self.stats['unreadable_files']} unreadable files skipped"
+        epochs = "endless" if self._num_epochs is None else f"{self._num_epochs} epochs"
+        shuffle = f"shuffle seed {self.plan.seed}" if self.plan.shuffle_files else "file order"
+        if self.plan.buffer_size:
+            shuffle += f", rows shuffled in windows of {self.plan.buffer_size}"
+        return (
+            f"{text}; {self.plan.world_size} ranks x {self._batch_size} rows per batch, {epochs}, {shuffle}"
+        )
+
     def plan_epoch(self, epoch: int) -> EpochPlan:
         """This rank's windows of `epoch` (the last few are cached: the driver and seeking both ask)."""
         with self._plans_lock:
             plan = self._plans.get(epoch)
             if plan is None:
-                plan = epoch_plan(self._units, epoch, **self._plan_args)
+                plan = epoch_plan(
+                    self._units,
+                    epoch,
+                    rank=self.plan.rank,
+                    world_size=self.plan.world_size,
+                    seed=self.plan.seed,
+                    shuffle_units=self.plan.shuffle_files,
+                    buffer_size=self.plan.buffer_size,
+                )
                 if len(self._plans) >= 4:
                     self._plans.pop(next(iter(self._plans)))
                 self._plans[epoch] = plan
             return plan
 
     def num_batches(self) -> int | None:
-        """Batches this rank yields over all epochs (None when endless)."""
+        """Batches this rank yields over all epochs from the start (None when endless)."""
         if self._num_epochs is None:
             return None
         return sum(self.plan_epoch(e).num_batches(self._batch_size) for e in range(self._num_epochs))
 
-    def _position(self, batches: int) -> tuple[int, int] | None:
-        """(epoch, rows to skip in it) of the `batches`-th batch, or None past the end."""
-        epoch = 0
+    def _advance(self, start: Position, batches: int) -> Position:
+        """The position `batches` batches after `start`; ValueError past the end of the stream."""
+        epoch, row, left = start.epoch, start.row, batches
         while self._num_epochs is None or epoch < self._num_epochs:
-            in_epoch = self.plan_epoch(epoch).num_batches(self._batch_size)
-            if batches < in_epoch:
-                return epoch, batches * self._batch_size
-            batches -= in_epoch
-            epoch += 1
-        return None
+            if epoch not in self._epoch_rows:
+                self._epoch_rows[epoch] = self.plan_epoch(epoch).num_rows
+            in_epoch = -(-max(0, self._epoch_rows[epoch] - row) // self._batch_size)
+            if left < in_epoch:
+                return Position(start.batches + batches, epoch, row + left * self._batch_size)
+            left -= in_epoch
+            epoch, row = epoch + 1, 0
+        if left:
+            raise ValueError(
+                f"batches {start.batches + batches} is past the end of this rank's stream "
+                f"({start.batches + batches - left} batches)"
+            )
+        return Position(start.batches + batches, epoch, 0)
 
     def __iter__(self) -> BatchIterator:
         previous = self._iterator() if self._iterator is not None else None
         if previous is not None:
             previous.close()
-        start, self._start = self._start, 0
-        self._batches_yielded = start
-        position = self._position(start)
-        epoch, skip = position if position is not None else (self._num_epochs or 0, 0)
-        iterator = BatchIterator(self._source, epoch, skip, self.stats, self._count_batch)
+        if not self._resume_next:
+            self._start = Position(0, 0, 0)
+        self._resume_next = False
+        self._batches_yielded = self._start.batches
+        epoch, row = self._start.epoch, self._start.row
+        iterator = BatchIterator(self._source, epoch, row, self.stats, self._count_batch)
         self._iterator = weakref.ref(iterator)
         return iterator
 
@@ -187,16 +255,45 @@ class ParquetDataset:
         self._batches_yielded += 1
         self.stats["batches"] += 1
 
-    def state_dict(self) -> dict[str, int]:
-        """Position of the current (or last) iterator: batches yielded since the stream's start."""
-        return {"batches_yielded": self._batches_yielded}
+    def state_dict(self, batches: int | None = None) -> dict[str, Any]:
+        """The state after `batches` batches of the current (or last, or loaded) stream; JSON data.
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """The next `iter()` starts after `state["batches_yielded"]` batches, without decoding them."""
-        count = state.get("batches_yielded") if isinstance(state, dict) else None
-        if not isinstance(count, int) or count < 0:
-            raise ValueError(f"reader state needs a non-negative int 'batches_yielded', got {state!r}")
-        self._start = self._batches_yielded = count
+        Args:
+            batches: counted from the stream's start, resumed batches included (what a training loop
+                that restored its count and kept counting has trained on); None: the batches yielded so far.
+        """
+        count = self._batches_yielded if batches is None else batches
+        if count < self._start.batches:
+            raise ValueError(
+                f"batches {count} is before the start of this stream (it resumed after batch "
+                f"{self._start.batches})"
+            )
+        return encode_state(self.plan, self._advance(self._start, count - self._start.batches))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next `iter()` continues where `state` (from `state_dict`) left off, without decoding the past.
+
+        A state saved under another plan is re-planned or refused (tml.reader.state.replan, ResumeError);
+        after a change of world size, hand every new rank the state of old rank 0. A state of the form
+        `{"batches_yielded": n}` (no plan) resumes at batch n of this plan, unchecked, with a warning.
+        """
+        if isinstance(state, dict) and set(state) == {"batches_yielded"}:
+            count = state["batches_yielded"]
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"reader state needs a non-negative int 'batches_yielded', got {state!r}")
+            logger.warning(
+                "reader state %s carries no data plan: resuming at batch %d of the current plan unchecked",
+                state,
+                count,
+            )
+            position = self._advance(Position(0, 0, 0), count)
+        else:
+            saved, position = decode_state(state)
+            position, notes = replan(saved, position, self.plan)
+            for level, message in notes:
+                logger.log(level, "rank %d: %s", self.plan.rank, message)
+        self._start, self._resume_next = position, True
+        self._batches_yielded = position.batches
 
 
 def build_dataset(
@@ -208,7 +305,7 @@ def build_dataset(
     num_epochs: int | None = _FROM_CONFIG,
     shuffle: bool = True,
 ) -> ParquetDataset:
-    """A ParquetDataset for this rank (batch size global_batch_size // world_size).
+    """A ParquetDataset of RecapBatch-es for this rank (batch size global_batch_size // world_size).
 
     Args:
         config: the data section.
@@ -218,34 +315,10 @@ def build_dataset(
         num_epochs: overrides config.num_epochs when given (None = endless).
         shuffle: False reads units and rows in file order (evaluation).
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-    if config.global_batch_size % world_size:
-        raise ValueError(
-            f"global_batch_size {config.global_batch_size} is not divisible by the world size {world_size}"
-        )
-    duplicates = sorted({name for name in label_names if label_names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"label names repeat: {duplicates}")
-    rates = None
-    if apply_downsampling_weights:
-        rates = []
-        for name in label_names:
-            task = config.tasks.get(name)
-            rates.append((task.pos_downsampling_rate, task.neg_downsampling_rate) if task else (1.0, 1.0))
-    decode = DecodePlan(
-        dense=tuple(resolve_dense_specs(config)),
-        labels=tuple(label_names),
-        label_rates=tuple(rates) if rates is not None else None,
-        weight_column=config.weight_column,
-        id_columns=tuple(config.id_columns),
-        sparse=tuple(SparseSpec(f.name, f.column, f.num_buckets) for f in config.sparse_features),
-        nan_policy=config.preprocess.nan_policy,
-    )
     return ParquetDataset(
         inputs=config.inputs,
-        decode=decode,
-        batch_size=config.global_batch_size // world_size,
+        decoder=ranking_decoder(config, label_names, apply_downsampling_weights),
+        global_batch_size=config.global_batch_size,
         rank=rank,
         world_size=world_size,
         num_epochs=config.num_epochs if num_epochs is _FROM_CONFIG else num_epochs,

@@ -2,6 +2,8 @@
 
 Local files are handed to pyarrow as plain paths (native I/O, no GIL); every other protocol goes through
 an fsspec file object. A protocol whose package is missing raises an error naming the pip extra.
+`list_inputs` is the one place that turns an `inputs` string into files, for the reader and for `tml-pq`
+alike; it skips the hidden `_*` / `.*` entries that Spark and Hive writers leave next to the data.
 
 Example:
     fs, paths = list_inputs("data/train/*.parquet")
@@ -45,24 +47,57 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden from the resolver: it starts with `_` or `.`.
+
+    Spark, Hive and Hadoop writers leave such entries next to the data (`_SUCCESS`, `_metadata`,
+    `_common_metadata`, `.part-0.parquet.crc`, `_temporary/`, `.spark-staging-*/`); none of them is a part
+    file to train on.
+    """
+    return name.startswith(("_", "."))
+
+
+def _visible(paths: list[str], root: str) -> list[str]:
+    """The paths none of whose names below `root` is hidden."""
+    root = root.rstrip("/")
+    return [p for p in paths if not any(is_hidden(name) for name in p[len(root) :].split("/") if name)]
+
+
+def _glob_root(path: str) -> str:
+    """The folder a glob pattern starts from: its components before the first one with a wildcard."""
+    parts = path.split("/")
+    static = next(index for index, part in enumerate(parts) if globlib.has_magic(part))
+    return "/".join(parts[:static])
+
+
 def list_inputs(inputs: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """Resolve `inputs` (glob, directory, file; local or URL) to a sorted list of file paths.
+
+    The one resolver of the reader and `tml-pq`. A glob gives the files it matches; a directory gives every
+    `*.parquet` file below it; a file gives itself (even a hidden one: it was named). Globs and directories
+    skip every entry whose name, or whose folder's name below the pattern's fixed part, starts with `_` or
+    `.` (see `is_hidden`).
 
     Raises FileNotFoundError naming `inputs` when nothing matches.
     """
     fs, path = filesystem_for(inputs)
     if globlib.has_magic(path):
-        paths = [found for found in fs.glob(path) if not fs.isdir(found)]
+        found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
+        paths = _visible(found, _glob_root(path))
     elif fs.isdir(path):
-        paths = [found for found in fs.find(path) if found.endswith(".parquet")]
-        if not paths:
+        found = [p for p in fs.find(path) if p.endswith(".parquet")]
+        paths = _visible(found, path)
+        if not found:
             raise FileNotFoundError(f"inputs {inputs!r} is a directory without *.parquet files")
     elif fs.exists(path):
-        paths = [path]
+        found = paths = [path]
     else:
         raise FileNotFoundError(f"inputs {inputs!r}: no such file or directory")
     if not paths:
-        raise FileNotFoundError(f"inputs {inputs!r} matches no files")
+        hidden = (
+            f" ({len(found)} hidden files or folders starting with '_' or '.' are skipped)" if found else ""
+        )
+        raise FileNotFoundError(f"inputs {inputs!r} matches no files{hidden}")
     return fs, sorted(paths)
 
 

@@ -2,7 +2,8 @@
 
 decode threads (num_workers)  ->  driver thread (windows, shuffling, batching)  ->  bounded queue  ->  consumer
 Row groups are decoded in parallel (pyarrow releases the GIL) but consumed in plan order, so the stream is
-deterministic. At most about 2 x num_workers row groups, one shuffle window and `prefetch_batches` batches
+deterministic. What a row is stays the decoder's business (tml.reader.decoder): the threads only read its
+columns, call `decode`, cut, permute and join chunks with their row operations and call `to_batch`. At most about 2 x num_workers row groups, one shuffle window and `prefetch_batches` batches
 are held at a time. An exception in any thread reaches the consumer, with the file named in its message.
 The threads reference neither the iterator nor the dataset, so closing or dropping the iterator stops them.
 
@@ -20,13 +21,12 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 
-from tml.reader.arrow_to_torch import DataError, DecodePlan, decode_table
-from tml.reader.batch import RecapBatch
-from tml.reader.chunk import Chunk
+from tml.reader.decoder import Chunk, DataError, Decoder, location
 from tml.reader.fs import open_input
 from tml.reader.sharding import EpochPlan, Unit, Window, window_permutation
 
@@ -41,12 +41,12 @@ class _Failure:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """What the threads need: files, their footers, the decode plan and the epoch schedule (flat data)."""
+    """What the threads need: files, their footers, the decoder and the epoch schedule (flat data)."""
 
     fs: object
     paths: tuple[str, ...]
     metadata: tuple[pq.FileMetaData | None, ...]
-    decode: DecodePlan
+    decoder: Decoder
     batch_size: int
     num_epochs: int | None
     plan_epoch: Callable[[int], EpochPlan]
@@ -54,17 +54,17 @@ class Source:
     prefetch_batches: int
 
 
-def decode_unit(source: Source, unit: Unit) -> Chunk:
+def decode_unit(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:
     path = source.paths[unit.file]
     try:
         with open_input(source.fs, path) as handle:
             parquet = pq.ParquetFile(handle, metadata=source.metadata[unit.file])
-            table = parquet.read_row_group(unit.row_group, columns=source.decode.columns())
-        return decode_table(table, path, source.decode)
+            table = parquet.read_row_group(unit.row_group, columns=source.decoder.columns())
+        return source.decoder.decode(table, path, unit.row_group)
     except DataError:
         raise
     except Exception as error:
-        raise DataError(f"{path}: cannot decode row group {unit.row_group}: {error}") from error
+        raise DataError(f"{location(path, unit.row_group)}: cannot decode: {error}") from error
 
 
 def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
@@ -77,8 +77,8 @@ def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
     return False
 
 
-def _result(future: concurrent.futures.Future, stop: threading.Event) -> Chunk | None:
-    """The future's chunk, or None once `stop` is set (a long decode must not delay closing)."""
+def _result(future: concurrent.futures.Future, stop: threading.Event) -> tuple[Chunk, dict] | None:
+    """The future's (chunk, counters), or None once `stop` is set (a long decode must not delay closing)."""
     while not stop.is_set():
         try:
             return future.result(timeout=_POLL_S)
@@ -119,7 +119,7 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
                 held[0] = chunk.slice(need, chunk.num_rows)
                 taken = rows
         held_rows -= rows
-        return _put(out, Chunk.concat(parts).to_batch([spec.name for spec in source.decode.sparse]), stop)
+        return _put(out, source.decoder.to_batch(parts[0].concat(parts)), stop)
 
     try:
         work = _windows(source, start_epoch, skip_rows)
@@ -142,15 +142,17 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
                 if held_rows and not emit(held_rows):
                     return
                 continue
-            chunks = [_result(future, stop) for future in futures]
-            if chunks and chunks[-1] is None:
-                return
-            for chunk in chunks:
+            chunks = []
+            for future in futures:
+                result = _result(future, stop)
+                if result is None:
+                    return
+                chunk, counts = result
+                chunks.append(chunk)
                 stats["rows_read"] += chunk.num_rows
-                for name, count in chunk.nonfinite.items():
-                    stats["nonfinite"] += count
-                    stats[f"nonfinite/{name}"] = stats.get(f"nonfinite/{name}", 0) + count
-            block = Chunk.concat(chunks)
+                for key, count in counts.items():
+                    stats[key] = stats.get(key, 0) + count
+            block = chunks[0].concat(chunks)
             permutation = window_permutation(window)
             if permutation is not None:
                 block = block.take(torch.from_numpy(permutation))
@@ -168,7 +170,7 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
 
 
 class BatchIterator:
-    """Iterator of RecapBatch-es produced by background threads; `close()` (or GC) stops them."""
+    """Iterator of the decoder's batches produced by background threads; `close()` (or GC) stops them."""
 
     def __init__(
         self,
@@ -193,7 +195,7 @@ class BatchIterator:
     def __iter__(self) -> BatchIterator:
         return self
 
-    def __next__(self) -> RecapBatch:
+    def __next__(self) -> Any:
         if self._done:
             raise StopIteration
         while True:

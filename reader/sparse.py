@@ -3,7 +3,8 @@
 A column is int, string, or a list of either (multi-hot). For n rows the result is `values` [N] int64 and
 `offsets` [n + 1] (row i owns values[offsets[i]:offsets[i + 1]]). Null rows and null ids are dropped.
 Strings are hashed with 64-bit FNV-1a, vectorized over the distinct strings: the same id on every run
-and machine (python's hash() is salted per process). Ids are taken modulo `num_buckets` when set.
+and machine (python's hash() is salted per process). Ids are taken modulo `num_buckets` when set,
+which puts every id, negative ones included, in [0, num_buckets).
 
 Example:
     values, offsets = decode_sparse(pa.array([["a", "b"], [], ["a"]]), SparseSpec("f", "col", 100), "x.parquet")
@@ -91,6 +92,8 @@ def decode_sparse(array: pa.Array, spec: SparseSpec, path: str) -> tuple[torch.T
         values = values.filter(pa.array(valid))
     ids = _ids(values) if len(values) else np.zeros(0, dtype=np.int64)
     if spec.num_buckets is not None:
+        # Floor modulo: negative ids (and uint64 ids that wrapped past int64) land in [0, num_buckets) too;
+        # an id outside its table would be clamped silently by FBGEMM on GPU.
         ids = np.mod(ids, spec.num_buckets)
     if not ids.flags.writeable:  # a zero-copy view of Arrow memory; torch wants writable arrays
         ids = ids.copy()

@@ -55,9 +55,12 @@ def test_variable_list_of_wrong_length_raised_from_worker(tmp_path, rd):
     rd.write(tmp_path / "a.parquet", 40)
     bad = rd.make_table(10, 40)
     bad = _replace(bad, "binary_col", pa.array([[1, 0, 1, 1]] * 6 + [[1, 0]] + [[0, 0, 0, 0]] * 3))
-    pq.write_table(bad, tmp_path / "b.parquet")
+    pq.write_table(bad, tmp_path / "b.parquet", row_group_size=4)
     dataset = build_dataset(rd.base_config(str(tmp_path), shuffle={"shuffle_files": False}), ["click"])
-    with pytest.raises(DataError, match=r"b\.parquet: column 'binary_col' row 6 holds 2 values, expected 4"):
+    # Row 6 of the file is row 2 of its second row group.
+    with pytest.raises(
+        DataError, match=r"b\.parquet \(row group 1\): column 'binary_col' row 2 holds 2 values, expected 4"
+    ):
         list(dataset)
 
 
@@ -111,7 +114,7 @@ def test_nan_policy(tmp_path, rd):
     kept = next(iter(dataset)).dense["continuous"].flatten()
     assert kept[3].isnan() and kept[17].isinf() and dataset.stats["nonfinite"] == 3
     config = rd.base_config(str(tmp_path), global_batch_size=10, preprocess={"nan_policy": "error"})
-    with pytest.raises(DataError, match=r"a\.parquet: column for dense 'continuous' has 3 non-finite"):
+    with pytest.raises(DataError, match=r"a\.parquet \(row group 0\): column for dense 'continuous' has 3"):
         list(build_dataset(config, ["click"]))
 
 
