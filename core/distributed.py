@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tml.core.errors import is_user_error
 from tml.ml_logging.log import get_logger
 
 logger = get_logger(__name__)
@@ -126,8 +127,10 @@ def shutdown() -> None:
 def run_distributed(fn: Callable[[], Any]) -> Any:
     """Run `fn`; on an exception log it with this rank and its traceback, tear down, exit 1.
 
-    The process group is destroyed in every case so that other ranks' collectives fail within the
-    timeout instead of hanging.
+    A user error (`tml.core.errors.is_user_error`: a bad config, bad data, a missing file) is re-raised
+    after the teardown instead, for the entry point's `tml.core.cli.user_errors_as_one_line` to report
+    in one line. The process group is destroyed in every case so that other ranks' collectives fail
+    within the timeout instead of hanging.
     """
     rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
     try:
@@ -136,6 +139,9 @@ def run_distributed(fn: Callable[[], Any]) -> Any:
         shutdown()
         raise
     except BaseException as error:  # every failure must be reported with its rank
+        if is_user_error(error):
+            shutdown()
+            raise
         text = "".join(traceback.format_exception(error))
         # Logged at error level: other ranks only print errors, and a failure on rank 3 must show.
         logger.error("rank %d failed:\n%s", rank, text)

@@ -28,10 +28,12 @@ from typing import Any, Protocol, Self, TypeVar
 import pyarrow as pa
 import torch
 
+from tml.core.errors import UserError
+
 BatchT = TypeVar("BatchT", covariant=True)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data in a file: the message names the file (and row group), the column and what was expected."""
 
 

@@ -10,7 +10,9 @@ Training TwHIN embeddings is not built yet; it comes with its own issue on the s
 from __future__ import annotations
 
 import argparse
-import sys
+
+from tml.core.cli import add_debug_flag, user_errors_as_one_line
+from tml.core.errors import UserError
 
 
 def _tables(text: str) -> dict[str, int]:
@@ -43,17 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-files", type=int, default=2)
+    add_debug_flag(p)
     return parser
 
 
 def cli(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    with user_errors_as_one_line("tml-twhin", args.debug):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     from tml.projects.twhin.data.synthetic import generate_edges
 
     unknown = sorted({t for _, lhs, rhs in args.relations for t in (lhs, rhs)} - set(args.tables))
     if unknown:
-        sys.exit(
-            f"tml-twhin: --relations name tables {unknown} that --tables does not define ({sorted(args.tables)})"
+        raise UserError(
+            f"--relations name tables {unknown} that --tables does not define ({sorted(args.tables)})"
         )
     generate_edges(args.tables, args.relations, args.num_edges, args.output, args.seed, args.num_files)
     print(f"wrote {args.num_edges} edges to {args.output}")

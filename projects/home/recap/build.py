@@ -97,7 +97,13 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_train_data(config: RecapConfig, env: DistEnv) -> ParquetDataset:
-    return build_dataset(config.train_data, task_names(config), env.rank, env.world_size)
+    try:
+        return build_dataset(config.train_data, task_names(config), env.rank, env.world_size)
+    except FileNotFoundError as error:
+        # The reader names the section's key (`inputs '...' matches no files`); say which section.
+        if str(error).startswith("inputs "):
+            raise FileNotFoundError(f"train_data.{error}") from None
+        raise
 
 
 def build_validation_data(data: DataConfig, config: RecapConfig, env: DistEnv) -> ParquetDataset:

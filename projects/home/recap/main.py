@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
+from tml.core.cli import add_debug_flag, user_errors_as_one_line
 from tml.core.config.loader import ConfigError, load_config, save_config
 from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, run_distributed
 from tml.ml_logging.log import get_logger, setup_logging
@@ -200,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=help_text)
         p.add_argument("--config", required=True, help="YAML config (local path or fsspec URL)")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
+        add_debug_flag(p)
         if mode in ("evaluate", "predict"):
             p.add_argument(
                 "--checkpoint", help="a step-N folder or a run folder (default: save_dir's latest)"
@@ -224,10 +225,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        config = load_config(RecapConfig, args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"tml-recap: {err}")
+    with user_errors_as_one_line("tml-recap", args.debug):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    config = load_config(RecapConfig, args.config, args.overrides)
     if args.mode == "train":
         run_distributed(lambda: train(config))
     elif args.mode == "evaluate":
