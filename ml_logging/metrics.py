@@ -1,7 +1,9 @@
 """One metric logger with three sinks: console, `<save_dir>/metrics.jsonl` and TensorBoard.
 
 Metric names are flat and namespaced (`train/loss`, `eval/<partition>/<task>/auroc`); every record carries
-the step. Only rank 0 writes; on other ranks every call is a no-op.
+the step. The console gets a readable digest (evaluation tables, one learning rate per distinct value:
+tml.ml_logging.console); metrics.jsonl and TensorBoard get every name. Only rank 0 writes; on other ranks
+every call is a no-op.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import math
 import os
 
+from tml.ml_logging.console import console_messages
 from tml.ml_logging.log import get_logger
 
 logger = get_logger(__name__)
@@ -61,7 +64,8 @@ class MetricLogger:
             return
         values = {name: float(value) for name, value in metrics.items()}
         if self.console:
-            logger.info("step %d: %s", step, "  ".join(f"{k}={v:.5g}" for k, v in values.items()))
+            for message in console_messages(step, values):
+                logger.info("%s", message)
         if self._jsonl is not None:
             record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
             self._jsonl.write(json.dumps(record) + "\n")

@@ -6,6 +6,7 @@ import torch
 
 from tml.core.distributed import DistEnv
 from tml.core.eval_loop import evaluate
+from tml.ml_logging.console import eval_tables
 from tml.ml_logging.metrics import MetricLogger
 from tml.projects.home.recap.build import build_metrics, build_validation_data
 from tml.projects.home.recap.config import RecapConfig
@@ -45,14 +46,5 @@ def validate(
 
 
 def print_table(results: dict[str, float]) -> str:
-    """One row per (partition, segment, task), one column per metric."""
-    rows: dict[str, dict[str, float]] = {}
-    for key, value in results.items():
-        row, _, metric = key.rpartition("/")
-        rows.setdefault(row.removeprefix("eval/"), {})[metric] = value
-    columns = ["auroc", "pr_auc", "log_loss", "rce", "nrce", "calibration", "mean_label", "count"]
-    width = max([len(r) for r in rows] + [4])
-    lines = [f"{'':{width}}  " + "  ".join(f"{c:>11}" for c in columns)]
-    for row, values in rows.items():
-        lines.append(f"{row:{width}}  " + "  ".join(f"{values.get(c, float('nan')):>11.4g}" for c in columns))
-    return "\n".join(lines)
+    """One table per partition: a row per task and segment, a column per metric."""
+    return eval_tables(results)

@@ -63,7 +63,7 @@ def test_recap_modes_end_to_end(tmp_path):
     assert [r["step"] for r in metrics(tmp_path) if "train/loss" in r][-1] == 8
 
     out = recap(tmp_path, "evaluate", "--config", LOCAL, *TINY)
-    assert "valid/recap.engagement.is_replied" in out and "auroc" in out
+    assert "eval/valid:" in out and "recap.engagement.is_replied" in out and "auroc" in out
 
     preds = tmp_path / "preds"
     recap(
