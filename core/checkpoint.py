@@ -1,13 +1,18 @@
-"""Checkpoints with torch.distributed.checkpoint: sharded model, optimizer states, scheduler, step, and each
-rank's reader position, under `<save_dir>/checkpoints/step-N/`.
+"""Checkpoints with torch.distributed.checkpoint (DCP) under `<save_dir>/checkpoints/step-N/`.
 
-A save writes into `.tmp-step-N/`, then rank 0 adds `meta.json` and the `COMPLETE` marker and renames the
-folder, so an interrupted save is never taken for the latest. Resharding (N ranks -> M) is DCP's: sharded
-tables are re-cut from the saved shard metadata. All ranks must see the same filesystem.
+A checkpoint holds the `Stateful` parts the run registers (core/state.py): job-wide ones (model, optimizers,
+scheduler, loop counters) saved once, sharded tables as DCP cuts them, and per-rank ones (data position,
+random generators) as one JSON document per rank. A save writes into `.tmp-step-N/`; rank 0 then adds
+`meta.json` and the `COMPLETE` marker and renames the folder, so an interrupted save is never taken for the
+latest. Resharding (N ranks -> M) is DCP's for tensors; per-rank parts get every old rank's state and
+decide (`load_resharded`). All ranks must see the same filesystem.
+
+Reading weights for evaluate / predict / export needs no Checkpointer: `load_weights(module, path)` reads
+the model part only and writes nothing.
 
 Example:
-    ckpt = Checkpointer(save_dir, sharded.module, {"dense": optimizer}, scheduler, env, every_n=1000)
-    restored = ckpt.restore_latest()  # (step, extra) or None
+    ckpt = Checkpointer(save_dir, env, states, rank_states, every_n=1000)
+    step = ckpt.restore_latest()      # step of the newest complete checkpoint, or None
     ckpt.install_signal_handlers()    # SIGTERM/SIGINT: checkpoint at the next step, exit cleanly
 """
 
@@ -18,22 +23,20 @@ import os
 import shutil
 import signal
 from collections.abc import Callable
+from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch import nn
 
 from tml.core.distributed import DistEnv, any_rank_true
-from tml.core.sharding import clean_name
+from tml.core.state import load_model_state, model_state
 from tml.ml_logging.log import get_logger
 
 logger = get_logger(__name__)
 MARKER = "COMPLETE"
-
-
-def model_state(module: nn.Module) -> dict:
-    return {clean_name(k): v for k, v in module.state_dict().items()}
+_RANKS = "rank"
 
 
 def complete_steps(checkpoint_dir: str) -> list[int]:
@@ -50,8 +53,45 @@ def complete_steps(checkpoint_dir: str) -> list[int]:
     return sorted(steps)
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a complete checkpoint folder was saved at."""
+    with open(os.path.join(path, "meta.json")) as f:
+        return int(json.load(f)["step"])
+
+
 class Preempted(SystemExit):
     """Raised after the final checkpoint once SIGTERM/SIGINT arrived; exit status 0."""
+
+
+def _nonempty(state: dict) -> dict:
+    # DCP stores an empty dict as a leaf of its own, which a rank holding no shard of that part (e.g. no
+    # fused table with optimizer state) would then miss on load.
+    pruned = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = _nonempty(value)
+            if not value:
+                continue
+        pruned[key] = value
+    return pruned
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner without its pre-2.4 fallback: when a rank asks for fewer keys than the
+    checkpoint holds (every rank does: other ranks' parts, shards it does not own), the default planner
+    guesses an old checkpoint and re-flattens the request the old way, after which nested non-tensor parts
+    (the loop counters) are reported missing."""
+
+    def create_local_plan(self):
+        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+
+
+def _merge_into(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
 
 
 class Checkpointer:
@@ -59,60 +99,39 @@ class Checkpointer:
 
     Args:
         save_dir: the run folder; checkpoints go to `<save_dir>/checkpoints/`.
-        module: the sharded (or plain) model.
-        optimizers: name -> ordinary torch optimizer (e.g. "dense", "table/<name>").
-        scheduler: the LR scheduler or None.
         env: from init_distributed.
+        states: name -> job-wide Stateful (e.g. "model", "optim/dense", "fused", "scheduler", "loop").
+        rank_states: name -> per-rank state (core.state.RankState), e.g. "data", "rng".
         every_n: save every N steps; max_to_keep: newest complete checkpoints kept.
     """
 
-    def __init__(self, save_dir, module, optimizers, scheduler, env: DistEnv, every_n=1000, max_to_keep=3):
+    def __init__(
+        self,
+        save_dir: str,
+        env: DistEnv,
+        states: dict[str, Any],
+        rank_states: dict[str, Any] | None = None,
+        every_n: int = 1000,
+        max_to_keep: int = 3,
+    ) -> None:
         self.dir = os.path.join(save_dir, "checkpoints")
-        self.module, self.optimizers, self.scheduler, self.env = module, optimizers, scheduler, env
+        self.env, self.states, self.rank_states = env, states, rank_states or {}
         self.every_n, self.max_to_keep = every_n, max_to_keep
         self._signal: int | None = None
         if env.is_main:
             os.makedirs(self.dir, exist_ok=True)
             for entry in os.listdir(self.dir):
-                if entry.startswith(".tmp-"):
+                if entry.startswith(".tmp-"):  # a save that never completed
                     shutil.rmtree(os.path.join(self.dir, entry), ignore_errors=True)
         dist.barrier()
-
-    # -- state ---------------------------------------------------------------------------------
-    def _param_names(self) -> dict[int, str]:
-        return {id(p): clean_name(n) for n, p in self.module.named_parameters()}
-
-    def _tensor_state(self) -> dict:
-        state = {"model": model_state(self.module)}
-        fused = getattr(self.module, "fused_optimizer", None)
-        if fused is not None:
-            state["fused"] = fused.state_dict()["state"]
-        names = self._param_names()
-        for key, optimizer in self.optimizers.items():
-            state[f"optim/{key}"] = {
-                names[id(p)]: dict(optimizer.state[p])
-                for group in optimizer.param_groups
-                for p in group["params"]
-                if p in optimizer.state
-            }
-        return state
-
-    @staticmethod
-    def _nonempty(state: dict) -> dict:
-        # DCP stores an empty dict as a leaf of its own, which a rank holding no shard of that part
-        # (e.g. no fused table with optimizer state) would then miss on load.
-        pruned = {}
-        for key, value in state.items():
-            if isinstance(value, dict):
-                value = Checkpointer._nonempty(value)
-                if not value:
-                    continue
-            pruned[key] = value
-        return pruned
 
     def latest_step(self) -> int | None:
         steps = complete_steps(self.dir)
         return steps[-1] if steps else None
+
+    def latest_path(self) -> str | None:
+        step = self.latest_step()
+        return None if step is None else os.path.join(self.dir, f"step-{step}")
 
     # -- save ----------------------------------------------------------------------------------
     @property
@@ -123,11 +142,12 @@ class Checkpointer:
     def maybe_save(
         self,
         step: int,
-        extra: dict,
         before_save: Callable[[int], None] | None = None,
         stop: bool | None = None,
+        last_step: bool = False,
     ) -> bool:
-        """Save when `step` is a multiple of every_n or a signal arrived (then exit via Preempted).
+        """Save when `step` is a multiple of every_n, the last step, or a signal arrived (then exit via
+        Preempted); returns whether it saved.
 
         `before_save(step)` runs on every rank just before a save (the loop checks its losses there).
         `stop`: whether any rank has a stop request, when the caller already agreed on it (the train loop
@@ -135,34 +155,30 @@ class Checkpointer:
         """
         if stop is None:
             stop = any_rank_true(self.stop_requested, self.env)
-        if (step % self.every_n == 0 or stop) and self.latest_step() != step:
+        due = step % self.every_n == 0 or stop or last_step
+        saved = False
+        if due and self.latest_step() != step:
             if before_save is not None:
                 before_save(step)
-            self.save(step, extra)
+            self.save(step)
+            saved = True
         if stop:
             logger.info("stopping after the checkpoint of step %d (signal)", step)
             raise Preempted(0)
-        return step % self.every_n == 0
+        return saved
 
-    def save(self, step: int, extra: dict) -> None:
+    def save(self, step: int) -> None:
         final = os.path.join(self.dir, f"step-{step}")
         tmp = os.path.join(self.dir, f".tmp-step-{step}")
-        dcp.save(self._nonempty(self._tensor_state()), checkpoint_id=tmp)
-        with open(os.path.join(tmp, f"extra-rank{self.env.rank}.json"), "w") as f:
-            json.dump(extra, f)
+        state = {name: part.state_dict() for name, part in self.states.items()}
+        mine = {name: part.state_dict() for name, part in self.rank_states.items()}
+        state[_RANKS] = {str(self.env.rank): json.dumps(mine)}
+        dcp.save(_nonempty(state), checkpoint_id=tmp)
         dist.barrier()
         if self.env.is_main:
-            meta = {
-                "step": step,
-                "world_size": self.env.world_size,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "param_groups": {
-                    k: [{n: v for n, v in g.items() if n != "params"} for g in o.param_groups]
-                    for k, o in self.optimizers.items()
-                },
-            }
+            meta = {"step": step, "world_size": self.env.world_size, "states": sorted(self.states)}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, default=str)
+                json.dump(meta, f)
             open(os.path.join(tmp, MARKER), "w").close()
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -173,56 +189,43 @@ class Checkpointer:
         dist.barrier()
 
     # -- restore -------------------------------------------------------------------------------
-    def restore_latest(self) -> tuple[int, dict] | None:
-        """Load the newest complete checkpoint of this run: (step, this rank's extra state) or None."""
-        step = self.latest_step()
-        return None if step is None else (step, self.load(os.path.join(self.dir, f"step-{step}")))
+    def restore_latest(self) -> int | None:
+        """Load the newest complete checkpoint of this run; its step, or None when there is none."""
+        path = self.latest_path()
+        return None if path is None else self.load(path)
 
-    def load(self, path: str) -> dict:
-        """Load everything from checkpoint folder `path`; returns this rank's extra state ({} when the
-        world size changed: the reader positions of another rank layout do not apply)."""
+    def load(self, path: str) -> int:
+        """Load every registered part from checkpoint folder `path`; returns its step."""
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        state = self._tensor_state()
-        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        for key in self.optimizers:
-            # A fresh optimizer has no state yet: allocate the saved tensors to load into.
-            prefix = f"optim/{key}."
-            for full_key, md in saved.items():
-                if full_key.startswith(prefix) and hasattr(md, "size"):
-                    fqn, _, name = full_key[len(prefix) :].rpartition(".")
-                    tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                    state[f"optim/{key}"].setdefault(fqn, {})[name] = tensor
-        dcp.load(self._nonempty(state), checkpoint_id=path)
-        self.module.load_state_dict(_unclean(self.module, state["model"]))
-        fused = getattr(self.module, "fused_optimizer", None)
-        if fused is not None and state["fused"]:
-            # DCP already copied into the state tensors; this re-checks keys and restores param groups.
-            fused_state = fused.state_dict()
-            fused_state["state"] = state["fused"]
-            fused.load_state_dict(fused_state)
-        params = {clean_name(n): p for n, p in self.module.named_parameters()}
-        for key, optimizer in self.optimizers.items():
-            for fqn, values in state[f"optim/{key}"].items():
-                param = params[fqn]
-                optimizer.state[param] = {
-                    n: v.to(param.device) if n != "step" else v for n, v in values.items()
-                }
-            for group, saved_group in zip(optimizer.param_groups, meta["param_groups"][key], strict=True):
-                group.update({n: v for n, v in saved_group.items() if n in group and n != "params"})
-        if self.scheduler is not None and meta["scheduler"] is not None:
-            self.scheduler.load_state_dict(meta["scheduler"])
-        logger.info("restored checkpoint %s (step %d)", path, meta["step"])
-        extra_path = os.path.join(path, f"extra-rank{self.env.rank}.json")
-        if meta["world_size"] != self.env.world_size or not os.path.exists(extra_path):
+        missing = sorted(set(self.states) - set(meta["states"]))
+        if missing:
+            raise ValueError(f"checkpoint {path} has no {missing} (it holds {meta['states']})")
+        targets = {name: part.state_dict() for name, part in self.states.items()}
+        saved_world = int(meta["world_size"])
+        resharded = saved_world != self.env.world_size
+        wanted = range(saved_world) if resharded else [self.env.rank]
+        targets[_RANKS] = {str(rank): "" for rank in wanted}
+        loaded = _nonempty(targets)
+        dcp.load(loaded, checkpoint_id=path, planner=_LoadPlanner())
+        _merge_into(targets, loaded)  # tensors were loaded in place; other values replaced in `loaded`
+        for name, part in self.states.items():
+            part.load_state_dict(targets[name])
+        documents = [json.loads(targets[_RANKS][str(rank)]) for rank in wanted]
+        for name, part in self.rank_states.items():
+            if resharded:
+                part.load_resharded([document[name] for document in documents])
+            else:
+                part.load_state_dict(documents[0][name])
+        if resharded:
             logger.warning(
-                "checkpoint was saved by %d ranks, this job has %d: reader positions are not restored",
-                meta["world_size"],
+                "checkpoint %s was saved by %d ranks, this job has %d (tensors are re-cut by DCP)",
+                path,
+                saved_world,
                 self.env.world_size,
             )
-            return {}
-        with open(extra_path) as f:
-            return json.load(f)
+        logger.info("restored checkpoint %s (step %d)", path, meta["step"])
+        return int(meta["step"])
 
     # -- signals -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -235,7 +238,7 @@ class Checkpointer:
             signal.signal(sig, handler)
 
 
-def resolve_checkpoint(path: str) -> str:
+def resolve_checkpoint(path: str, what: str = "checkpoint") -> str:
     """`path` itself when it is a complete step folder, else the newest complete one inside it (a run's
     `checkpoints/` folder or the run folder)."""
     if os.path.exists(os.path.join(path, MARKER)):
@@ -244,32 +247,62 @@ def resolve_checkpoint(path: str) -> str:
         steps = complete_steps(folder)
         if steps:
             return os.path.join(folder, f"step-{steps[-1]}")
-    raise FileNotFoundError(f"initial_checkpoint_dir {path!r} holds no complete checkpoint (step-N/{MARKER})")
+    raise FileNotFoundError(f"{what} {path!r} holds no complete checkpoint (step-N/{MARKER})")
+
+
+def _saved_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {
+        key.removeprefix("model."): tuple(md.size)
+        for key, md in saved.items()
+        if key.startswith("model.") and hasattr(md, "size")
+    }
+
+
+def model_differences(module: nn.Module, path: str) -> list[str]:
+    """Model tensors that differ between `module` and checkpoint `path` ("name: saved [..], model [..]"),
+    so a resume into a changed model can be refused before anything is written."""
+    saved = _saved_shapes(path)
+    current = {name: tuple(value.shape) for name, value in model_state(module).items()}
+    problems = [f"{name}: not in the checkpoint" for name in current if name not in saved]
+    problems += [f"{name}: in the checkpoint, not in the model" for name in saved if name not in current]
+    problems += [
+        f"{name}: saved {list(saved[name])}, model {list(shape)}"
+        for name, shape in current.items()
+        if name in saved and saved[name] != shape
+    ]
+    return problems
+
+
+def load_weights(module: nn.Module, path: str) -> int:
+    """Load only the model weights of checkpoint `path` (a step folder, a run's `checkpoints/` folder or a
+    run folder: its latest) into `module`, writing nothing; returns the checkpoint's step.
+
+    Every tensor must be present with its shape; the error lists what differs.
+    """
+    path = resolve_checkpoint(path)
+    problems = model_differences(module, path)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"checkpoint {path} does not fit this model: {shown}")
+    state = model_state(module)
+    dcp.load({"model": state}, checkpoint_id=path, planner=_LoadPlanner())
+    load_model_state(module, state)
+    return checkpoint_step(path)
 
 
 def warm_start(module: nn.Module, path: str) -> list[str]:
     """Load model weights only from checkpoint `path` (see resolve_checkpoint); optimizer state and step
     are not loaded. Weights that are new or changed shape keep their fresh initialisation; their names
     are logged and returned."""
-    path = resolve_checkpoint(path)
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    path = resolve_checkpoint(path, "initial_checkpoint_dir")
+    saved = _saved_shapes(path)
     current = model_state(module)
-    loadable, fresh = {}, []
-    for name, tensor in current.items():
-        md = saved.get(f"model.{name}")
-        if md is not None and hasattr(md, "size") and tuple(md.size) == tuple(tensor.shape):
-            loadable[name] = tensor
-        else:
-            fresh.append(name)
-    dcp.load({"model": loadable}, checkpoint_id=path)
-    merged = {**current, **loadable}
-    module.load_state_dict(_unclean(module, merged))
+    loadable = {n: t for n, t in current.items() if saved.get(n) == tuple(t.shape)}
+    fresh = [n for n in current if n not in loadable]
+    dcp.load({"model": loadable}, checkpoint_id=path, planner=_LoadPlanner())
+    load_model_state(module, {**current, **loadable})
     logger.info("warm start from %s: %d tensors loaded", path, len(loadable))
     if fresh:
         logger.info("warm start: freshly initialised (new or changed shape): %s", ", ".join(fresh))
     return fresh
-
-
-def _unclean(module: nn.Module, cleaned: dict) -> dict:
-    """Map cleaned names back to `module`'s own state_dict keys."""
-    return {key: cleaned[clean_name(key)] for key in module.state_dict()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import sys
 import traceback
@@ -37,6 +38,8 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    # Processes on this machine (torchrun's LOCAL_WORLD_SIZE); world_size // local_world_size hosts.
+    local_world_size: int = 1
     # Group for the loop's yes/no agreements (data left, stop requested): gloo on CPU tensors, so that
     # they never synchronise the GPU stream. None means the default group (already gloo).
     control_group: Any = None
@@ -44,6 +47,10 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def num_hosts(self) -> int:
+        return max(self.world_size // max(self.local_world_size, 1), 1)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -96,9 +103,44 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(**kwargs)
     control = dist.new_group(backend="gloo") if backend != "gloo" else None
-    env = DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, backend, control)
-    logger.info("distributed: rank %d of %d on %s (%s)", env.rank, env.world_size, env.device, backend)
+    world = dist.get_world_size()
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if local_world < 1 or world % local_world:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local_world} does not divide the world size {world}")
+    env = DistEnv(
+        dist.get_rank(),
+        world,
+        local_rank,
+        torch_device,
+        backend,
+        local_world_size=local_world,
+        control_group=control,
+    )
+    logger.info(
+        "distributed: rank %d of %d on %s (%s, %d host(s))",
+        env.rank,
+        world,
+        env.device,
+        backend,
+        env.num_hosts,
+    )
     return env
+
+
+def seed_ranks(seed: int, env: DistEnv) -> None:
+    """Give each rank its own random stream (dropout, position drop) derived from `seed`.
+
+    Call after the model is built from the shared seed, so weights start equal on every rank while the
+    masks applied to each rank's share of the batch differ (the same masks would correlate the ranks'
+    gradients). Resume restores each rank's generator state from the checkpoint instead.
+    """
+    torch.manual_seed(hash_seed(seed, "rank", env.rank))
+
+
+def hash_seed(*parts: object) -> int:
+    """A 63-bit seed that depends on every part (stable across runs, machines and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def configure_cpu_threads(requested: int | None, reserved: int = 1) -> int:

@@ -1,8 +1,9 @@
 """The evaluation loop: forward passes under no_grad in eval mode, ranks kept in step.
 
-Ranks' shares of a validation set can differ in length. Every round, one tiny all_reduce tells whether
-any rank still has a batch; a rank that has run out repeats a forward on its last batch (outputs dropped,
-metrics untouched) so that sharded embeddings' all-to-alls and DDP's collectives see every rank. Outputs
+Ranks' shares of a validation set can differ in length. `lockstep` keeps them in step (also for predict):
+every round one tiny all_reduce tells whether any rank still has a batch; a rank that has run out repeats
+a forward on its last batch (outputs dropped, metrics untouched) so that sharded embeddings' all-to-alls
+and DDP's collectives see every rank. Outputs
 follow docs/design.md (`probabilities`, `labels`, `weights`: [B, T]).
 
 Example:
@@ -13,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
@@ -26,6 +27,29 @@ class EvalMetrics(Protocol):
     def update(self, batch, outputs: dict[str, torch.Tensor]) -> None: ...
     def compute(self) -> dict[str, float]: ...
     def reset(self) -> None: ...
+
+
+def lockstep(batches: Iterable, env: DistEnv, limit: int | None = None) -> Iterator[tuple[object, bool]]:
+    """(batch, real) pairs on `env.device`, the same number on every rank: until every rank's data ends
+    (or `limit` rounds). A rank that has run out gets its last batch again with real=False, to run a
+    forward whose outputs it drops, so that sharded embeddings' all-to-alls see every rank.
+
+    One tiny all_reduce per round (on the CPU control group) tells whether any rank still has a batch.
+    """
+    it, last, rounds = iter(batches), None, 0
+    while limit is None or rounds < limit:
+        batch = next(it, None)
+        if not any_rank_true(batch is not None, env):
+            return
+        if batch is None and last is None:
+            raise RuntimeError(
+                f"rank {env.rank} has no batch while other ranks do: give every rank at least one batch "
+                "(more data files or row groups than ranks, or a smaller batch size)"
+            )
+        if batch is not None:
+            last = batch.to(env.device, non_blocking=True)
+        yield last, batch is not None
+        rounds += 1
 
 
 @torch.no_grad()
@@ -48,25 +72,12 @@ def evaluate(
     metrics.reset()
     limit = None if num_steps is None or num_steps < 0 else num_steps
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    it, last, rounds = iter(batches), None, 0
     bar = progress_bar(limit, desc, env.rank)
-    while limit is None or rounds < limit:
-        batch = next(it, None)
-        if not any_rank_true(batch is not None, env):
-            break
-        if batch is None and last is None:
-            raise RuntimeError(
-                f"rank {env.rank} has no evaluation batch while other ranks do: give every rank at least "
-                "one batch (more data files than ranks, or a smaller batch size)"
-            )
-        real = batch is not None
-        batch = batch.to(env.device, non_blocking=True) if real else last
+    for rounds, (batch, real) in enumerate(lockstep(batches, env, limit), start=1):
         with autocast:
             _, outputs = module(batch)
         if real:
             metrics.update(batch, outputs)
-            last = batch
-        rounds += 1
         if rounds % log_every_n == 0:
             bar.update(log_every_n)
     bar.close()

@@ -1,13 +1,23 @@
 """The training loop: torchrec's train pipelines (wrapped, not forked) plus the loop's side concerns.
 
-Each optimizer step consumes `gradient_accumulation` batches; every batch's loss is divided by that
-count, so the summed gradient is the mean over the step's batches. Fused (in-backward) table optimizers
-still update their tables on every batch's backward (see docs/training.md). Loss: scalar; outputs as in
-docs/design.md (`labels` [B, T] gives B).
+Each optimizer step consumes `gradient_accumulation` batches; every batch's loss is divided by that count,
+so the summed gradient is the mean over the step's batches, and DDP all-reduces gradients only on the last
+batch of a step. Fused (in-backward) table optimizers still update their tables on every batch's backward
+(see docs/training.md). The loop knows two things about a batch (docs/design.md): it moves like torchrec's
+`Pipelineable` (`to`, `pin_memory`, `record_stream`) and tells its `batch_size`; and one about the model:
+`loss, outputs = module(batch)`.
+
+Pipelines (`LoopOptions.pipeline`): `eager` (copy, forward, backward, step), `base` (torchrec's
+TrainPipelineBase: the copy of batch i+1 overlaps batch i on a CUDA stream) and `sparse_dist` (torchrec's
+TrainPipelineSparseDist: also the embedding input all-to-alls of batch i+1 overlap batch i); `auto` picks
+sparse_dist on CUDA for models with fused tables, eager otherwise. All of them run on CPU too (without
+streams), which is how the CPU tests cover the GPU path.
 
 Example:
-    result = train(sharded.module, [optimizer, *sharded.table_optimizers.values()], scheduler,
-                   batches, env, LoopOptions(num_train_steps=1000), metric_logger, checkpointer)
+    state = LoopState()
+    result = train(sharded.module, [optimizer, *sharded.table_optimizers.values()], scheduler, batches,
+                   env, LoopOptions(num_train_steps=1000, batch_type=RecapBatch), metric_logger,
+                   checkpointer, evaluate, state)
 """
 
 from __future__ import annotations
@@ -17,19 +27,26 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
 
 import torch
 
 from tml.core.distributed import DistEnv, min_over_ranks
+from tml.core.state import LoopState
 from tml.ml_logging.log import get_logger
 from tml.ml_logging.progress import progress_bar
 
 logger = get_logger(__name__)
 
+Pipeline = Literal["auto", "eager", "base", "sparse_dist"]
+
 
 @dataclasses.dataclass
 class LoopOptions:
-    """Flat settings of the loop (built from TrainingConfig and OptimizerConfig by the caller)."""
+    """Flat settings of the loop (built from the training and optimizer configs by the caller).
+
+    `batch_type`: the project's batch class, registered as torchrec `Pipelineable` for the pipelines.
+    """
 
     num_train_steps: int
     gradient_accumulation: int = 1
@@ -37,14 +54,15 @@ class LoopOptions:
     eval_every_n: int | None = None
     clip_grad_norm: float | None = None
     bf16: bool = False
-    pipeline: str = "auto"  # auto | sparse_dist | base | eager
+    pipeline: Pipeline = "auto"
+    batch_type: type | None = None
 
 
 @dataclasses.dataclass
 class TrainResult:
     step: int
     batches_trained: int
-    losses: list[float]  # this rank's mean loss of each optimizer step
+    losses: list[float]  # this rank's mean loss of each optimizer step of this call
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,6 +77,11 @@ class _StepControl:
         self.optimizers, self.scheduler = optimizers, scheduler
         self.accumulation, self.clip, self.micro = accumulation, clip, 0
         self.clip_params = [p for g in optimizers[0].param_groups for p in g["params"]] if clip else []
+
+    @property
+    def last_micro_step(self) -> bool:
+        """The batch about to run ends an optimizer step (its backward must all-reduce gradients)."""
+        return (self.micro + 1) % self.accumulation == 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.micro % self.accumulation == 0:
@@ -124,17 +147,29 @@ class _AgreedIterator:
         self.ahead = None
 
 
+def _pinned(batches: Iterable) -> Iterator:
+    """Batches in page-locked host memory, so the pipelines' `to(device, non_blocking=True)` copies run
+    asynchronously (from pageable memory CUDA copies synchronously)."""
+    for batch in batches:
+        yield batch.pin_memory()
+
+
 def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple[Callable, object | None]:
     autocast = (
         (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16))
         if options.bf16
         else contextlib.nullcontext
     )
+    ddps = [m for m in module.modules() if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
 
     def forward(batch):
+        if options.gradient_accumulation > 1:
+            # What DDP's no_sync() does, for the pipelines that run forward and backward themselves.
+            for ddp in ddps:
+                ddp.require_backward_grad_sync = control.last_micro_step
         with autocast():
-            loss, outputs = module(batch)
-        return loss / options.gradient_accumulation, (loss.detach().float(), outputs)
+            loss, _ = module(batch)
+        return loss / options.gradient_accumulation, (loss.detach().float(), batch.batch_size)
 
     kind = options.pipeline
     if kind == "auto":
@@ -151,17 +186,18 @@ def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple
 
         return progress, None
     from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+    from torchrec.streamable import Pipelineable
 
-    from tml.reader.batch import RecapBatch, register_pipelineable
-
-    register_pipelineable(RecapBatch)
+    if options.batch_type is None:
+        raise ValueError(f"pipeline '{kind}' needs LoopOptions.batch_type (the project's batch class)")
+    Pipelineable.register(options.batch_type)
     if kind == "sparse_dist":
         pipeline = TrainPipelineSparseDist(module, control, env.device, custom_model_fwd=forward)
     elif kind == "base":
         # TrainPipelineBase accepts custom_model_fwd but calls the model itself: hand it a wrapper.
         pipeline = TrainPipelineBase(_ForwardModule(module, forward), control, env.device)
     else:
-        raise ValueError(f"pipeline must be auto, sparse_dist, base or eager, got {kind!r}")
+        raise ValueError(f"pipeline must be auto, eager, base or sparse_dist, got {kind!r}")
     return pipeline.progress, pipeline
 
 
@@ -184,36 +220,41 @@ def train(
     metric_logger=None,
     checkpointer=None,
     evaluate: Callable[[int], None] | None = None,
-    start_step: int = 0,
-    batches_trained: int = 0,
+    state: LoopState | None = None,
 ) -> TrainResult:
-    """Train from `start_step` to `options.num_train_steps` or until any rank's data ends.
+    """Train from `state.step` to `options.num_train_steps` or until any rank's data ends.
 
     `optimizers[0]` is the dense optimizer (its param groups' `name` label `train/lr/<name>`; clipping
-    applies to it). `checkpointer.maybe_save(step, extra, before_save, stop)` and `evaluate(step)` are called
-    after steps. Losses are read (and checked for NaN/inf) at log lines, evaluations, saves and the end.
+    applies to it). After each step `checkpointer.maybe_save` and, every `eval_every_n` steps, `evaluate(step)`
+    run; at the end the last step is saved and evaluated unless that just happened. `state` (the loop's
+    counters, also registered with the checkpointer) is updated in place. Losses are read (and checked for
+    NaN/inf) at log lines, evaluations, saves and the end.
     """
+    state = state if state is not None else LoopState()
     module.train()
     control = _StepControl(optimizers, scheduler, options.gradient_accumulation, options.clip_grad_norm)
     progress, pipeline = _make_progress(module, control, env, options)
     stop_requested = (lambda: checkpointer.stop_requested) if checkpointer is not None else (lambda: False)
-    data, step, losses = _AgreedIterator(batches, env, stop_requested), start_step, []
-    bar = progress_bar(options.num_train_steps - start_step, "train", env.rank)
+    source = _pinned(batches) if env.device.type == "cuda" else batches
+    data, losses = _AgreedIterator(source, env, stop_requested), []
+    bar = progress_bar(options.num_train_steps - state.step, "train", env.rank)
     window = _Window(env, checkpointer, losses)
-    while step < options.num_train_steps:
+    evaluated = None
+    while state.step < options.num_train_steps:
         step_loss = None
         try:
             for _ in range(options.gradient_accumulation):
-                loss, outputs = progress(data)
-                batches_trained += 1
+                loss, batch_size = progress(data)
+                state.batches_trained += 1
                 # Kept on the device: reading it every step would stall the GPU (see _Window.verify).
                 loss = loss / options.gradient_accumulation
                 step_loss = loss if step_loss is None else step_loss + loss
-                window.examples += int(outputs["labels"].shape[0])
+                window.examples += batch_size
         except StopIteration:
-            logger.info("data ended on a rank after %d steps; all ranks stop", step)
+            logger.info("data ended on a rank after %d steps; all ranks stop", state.step)
             break
-        step += 1
+        state.step += 1
+        step = state.step
         window.pending.append(step_loss)
         bar.update(1)
         if step % options.train_log_every_n == 0 or step == options.num_train_steps:
@@ -221,15 +262,19 @@ def train(
             bar.update(0, loss=window.loss / max(window.steps, 1))
             window = _log_train(metric_logger, step, optimizers[0], env, window)
         if checkpointer is not None:
-            extra = {"batches_yielded": batches_trained}
-            checkpointer.maybe_save(step, extra, before_save=window.verify, stop=data.stop_agreed)
+            checkpointer.maybe_save(step, before_save=window.verify, stop=data.stop_agreed)
         if evaluate is not None and options.eval_every_n and step % options.eval_every_n == 0:
             window.verify(step)
             _run_eval(evaluate, step, module, pipeline)
+            evaluated = step
     data.close()
-    window.verify(step)
+    window.verify(state.step)
     bar.close()
-    return TrainResult(step, batches_trained, losses)
+    if checkpointer is not None:
+        checkpointer.maybe_save(state.step, stop=False, last_step=True)
+    if evaluate is not None and evaluated != state.step:
+        _run_eval(evaluate, state.step, module, pipeline)
+    return TrainResult(state.step, state.batches_trained, losses)
 
 
 def _run_eval(evaluate, step: int, module, pipeline) -> None:

@@ -3,7 +3,7 @@
 `build_optimizer` covers the dense parameters: one parameter group per named prefix group, each with its
 own `LearningRate` schedule (a `LambdaLR` with one lambda per group; group lrs are set to 1.0 so the lambda's
 value *is* the learning rate). Parameters owned by fused in-backward table optimizers are skipped.
-`embedding_optimizer` maps an `EmbeddingOptimizerConfig` to an optimizer class and kwargs.
+`embedding_optimizer` maps an `EmbeddingOptimizerConfig` to the flat `TableOptimizer` the core's sharding takes.
 
 Example:
     optimizer, scheduler = build_optimizer(
@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from tml.core.config.base import which_one
+from tml.core.sharding import TableOptimizer, is_in_backward
 from tml.optimizers.config import EmbeddingOptimizerConfig, LearningRate, OptimizerConfig
 from tml.optimizers.schedules import learning_rate_at
 
@@ -27,11 +28,6 @@ DEFAULT_GROUP = "default"
 
 def _matches(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
-
-
-def is_in_backward(param: torch.Tensor) -> bool:
-    """True for parameters updated by a fused optimizer in the backward pass (torch / torchrec marker)."""
-    return hasattr(param, "_in_backward_optimizers")
 
 
 def _group_parameters(
@@ -109,29 +105,19 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def embedding_optimizer(config: EmbeddingOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
-    """(optimizer class, torch kwargs) for one table; the same pair drives the fused kernel and the
-    ordinary fallback optimizer (torchrec maps the class to the FBGEMM algorithm)."""
+def embedding_optimizer(config: EmbeddingOptimizerConfig) -> TableOptimizer:
+    """The table optimizer as (class, torch kwargs); the same pair drives the fused kernel and the ordinary
+    fallback optimizer (torchrec maps the class to the FBGEMM algorithm)."""
     kind, algo = which_one(config, EmbeddingOptimizerConfig.exactly_one_of[0])
     if kind == "sgd":
-        return torch.optim.SGD, {"lr": algo.learning_rate}
+        return TableOptimizer(torch.optim.SGD, {"lr": algo.learning_rate})
     if kind == "adagrad":
-        return torch.optim.Adagrad, {"lr": algo.learning_rate, "eps": algo.epsilon}
+        return TableOptimizer(torch.optim.Adagrad, {"lr": algo.learning_rate, "eps": algo.epsilon})
     if kind == "rowwise_adagrad":
         from torchrec.optim import RowWiseAdagrad
 
-        return RowWiseAdagrad, {"lr": algo.learning_rate, "eps": algo.epsilon}
-    return torch.optim.Adam, {"lr": algo.learning_rate, "eps": algo.epsilon}
-
-
-# Fused (in-backward) algorithms the FBGEMM CPU kernels implement; CUDA has all of them.
-CPU_FUSED = frozenset({"sgd", "adagrad", "rowwise_adagrad"})
-
-
-def fused_supported(config: EmbeddingOptimizerConfig, device_type: str) -> bool:
-    """Whether the table algorithm can run fused in the backward pass on `device_type`."""
-    kind, _ = which_one(config, EmbeddingOptimizerConfig.exactly_one_of[0])
-    return device_type == "cuda" or kind in CPU_FUSED
+        return TableOptimizer(RowWiseAdagrad, {"lr": algo.learning_rate, "eps": algo.epsilon})
+    return TableOptimizer(torch.optim.Adam, {"lr": algo.learning_rate, "eps": algo.epsilon})
 
 
 def _implementation(params: list[torch.Tensor], fused_devices: tuple[str, ...]) -> dict[str, bool]:

@@ -55,6 +55,15 @@ class TrainingConfig(BaseConfig):
     collective_timeout_s: int = _F(
         600, ge=1, description="Seconds a collective may wait for other ranks before the job fails."
     )
+    pipeline: Literal["auto", "eager", "base", "sparse_dist"] = _F(
+        "auto",
+        description=(
+            "How batches flow through a train step (docs/training.md): eager (copy, forward, backward, "
+            "step), base (torchrec TrainPipelineBase: the next batch's host-to-device copy overlaps this "
+            "step), sparse_dist (torchrec TrainPipelineSparseDist: also the embedding input all-to-alls); "
+            "auto: sparse_dist on cuda for models with fused embedding tables, eager otherwise."
+        ),
+    )
     num_threads: int | None = _F(
         None,
         ge=1,

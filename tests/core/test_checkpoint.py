@@ -21,8 +21,8 @@ SHARDING = {"a": ("table_wise", None), "b": ("row_wise", None)}
 
 
 def _snapshot(sharded) -> dict:
-    from tml.core.checkpoint import model_state
-    from tml.core.sharding import gather_full_table
+    from tml.core.state import model_state
+    from tml.core.tables import gather_full_table
 
     state = {k: v.detach().clone() for k, v in model_state(sharded.module).items() if k.startswith("mlp")}
     for table in ("a", "b", "c"):
@@ -33,26 +33,22 @@ def _snapshot(sharded) -> dict:
 
 def _job(save_dir: str, steps: int, kill_at: int | None) -> dict:
     """One training run that resumes from save_dir; SIGKILLs itself after step `kill_at`."""
-    from tml.core.checkpoint import Checkpointer
     from tml.core.distributed import init_distributed, shutdown
     from tml.core.train_loop import LoopOptions, train
 
     env = init_distributed("gloo", "cpu")
     sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING)
-    ckpt = Checkpointer(save_dir, sharded.module, {"dense": optimizer}, scheduler, env, every_n=3)
-    restored = ckpt.restore_latest()
-    start, extra = restored if restored else (0, {})
-    position = extra.get("batches_yielded", 0)
+    stream = tiny.RankStream(env, 1000)
+    ckpt, loop = tiny.checkpointer(save_dir, env, sharded, optimizer, scheduler, 3, stream)
+    ckpt.restore_latest()
+    start = loop.step
 
     def maybe_kill(step):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     options = LoopOptions(num_train_steps=steps, eval_every_n=1)
-    batches = tiny.rank_batches(env, position, 1000)
-    train(
-        sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, maybe_kill, start, position
-    )
+    train(sharded.module, [optimizer], scheduler, stream, env, options, None, ckpt, maybe_kill, loop)
     result = {"start": start, **_snapshot(sharded)}
     shutdown()
     return result
@@ -91,21 +87,19 @@ def test_complete_steps_ignores_unfinished(tmp_path):
 
 def _reshard_job(save_dir: str, steps: int) -> dict:
     """Resume from save_dir at this world size, train to `steps`, save, and report weights before/after."""
-    from tml.core.checkpoint import Checkpointer
     from tml.core.distributed import init_distributed, shutdown
     from tml.core.train_loop import LoopOptions, train
 
     env = init_distributed("gloo", "cpu")
     sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING)
-    ckpt = Checkpointer(save_dir, sharded.module, {"dense": optimizer}, scheduler, env, every_n=2)
-    restored = ckpt.restore_latest()
-    start = restored[0] if restored else 0
+    ckpt, loop = tiny.checkpointer(save_dir, env, sharded, optimizer, scheduler, 2)
+    ckpt.restore_latest()
+    start = loop.step
     loaded = _snapshot(sharded)
     lr_after_load = optimizer.param_groups[0]["lr"]
     batches = tiny.rank_batches(env, 100 + start, 1000)
-    train(
-        sharded.module, [optimizer], scheduler, batches, env, LoopOptions(num_train_steps=steps), None, ckpt
-    )
+    options = LoopOptions(num_train_steps=steps)
+    train(sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, state=loop)
     result = {"start": start, "loaded": loaded, "final": _snapshot(sharded), "lr": lr_after_load}
     result["ddp"] = any(
         isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in sharded.module.modules()
@@ -152,13 +146,13 @@ def test_reshard_one_two_one_and_warm_start(run_ranks, tmp_path):
 
 def _sigterm_job(save_dir: str) -> dict:
     """Rank 1 gets SIGTERM after step 3: every rank saves one checkpoint at the same step and exits 0."""
-    from tml.core.checkpoint import Checkpointer, Preempted
+    from tml.core.checkpoint import Preempted
     from tml.core.distributed import init_distributed, shutdown
     from tml.core.train_loop import LoopOptions, train
 
     env = init_distributed("gloo", "cpu")
     sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING)
-    ckpt = Checkpointer(save_dir, sharded.module, {"dense": optimizer}, scheduler, env, every_n=100)
+    ckpt, loop = tiny.checkpointer(save_dir, env, sharded, optimizer, scheduler, 100)
     ckpt.install_signal_handlers()
 
     def signal_rank_one(step):
@@ -168,7 +162,9 @@ def _sigterm_job(save_dir: str) -> dict:
     options = LoopOptions(num_train_steps=20, eval_every_n=1)
     try:
         batches = tiny.rank_batches(env, 0, 1000)
-        train(sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, signal_rank_one)
+        train(
+            sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, signal_rank_one, loop
+        )
         result = {"preempted": False}
     except Preempted as stop:
         result = {"preempted": True, "code": stop.code}

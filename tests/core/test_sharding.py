@@ -34,13 +34,14 @@ def _reference_losses() -> tuple[list[float], dict[str, torch.Tensor]]:
 
 def _sharded_run() -> dict:
     from tml.core.distributed import init_distributed, shutdown
-    from tml.core.sharding import gather_full_table, load_full_table, shard_model
-    from tml.optimizers.build import build_optimizer
+    from tml.core.sharding import shard_model
+    from tml.core.tables import gather_full_table, load_full_table
+    from tml.optimizers.build import build_optimizer, embedding_optimizer
     from tml.optimizers.config import EmbeddingOptimizerConfig, OptimizerConfig
 
     env = init_distributed("gloo", "cpu")
     reference = tiny.make_model()
-    sgd = EmbeddingOptimizerConfig(sgd={"learning_rate": LR})
+    sgd = embedding_optimizer(EmbeddingOptimizerConfig(sgd={"learning_rate": LR}))
     sharded = shard_model(
         tiny.make_model(),
         env,
@@ -74,9 +75,18 @@ def _sharded_run() -> dict:
 
 def _loop_losses(env, pipeline: str) -> list[float]:
     from tml.core.train_loop import LoopOptions, train
+    from tml.reader.batch import RecapBatch
 
-    sharded, optimizer, scheduler = tiny.build_training(env, shardings={"a": ("table_wise", None)})
-    options = LoopOptions(num_train_steps=5, gradient_accumulation=2, clip_grad_norm=1.0, pipeline=pipeline)
+    sharded, optimizer, scheduler = tiny.build_training(
+        env, shardings={"a": ("table_wise", None)}, accumulation=2
+    )
+    options = LoopOptions(
+        num_train_steps=5,
+        gradient_accumulation=2,
+        clip_grad_norm=1.0,
+        pipeline=pipeline,
+        batch_type=RecapBatch,
+    )
     result = train(sharded.module, [optimizer], scheduler, tiny.rank_batches(env, 0, 100), env, options)
     assert result.batches_trained == 10
     return result.losses

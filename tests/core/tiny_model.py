@@ -94,10 +94,10 @@ def slice_batch(batch: RecapBatch, start: int, stop: int) -> RecapBatch:
     )
 
 
-def build_training(env, tables=("a", "b"), shardings=None, hidden: int = 8, lr: float = 0.05):
+def build_training(env, tables=("a", "b"), shardings=None, hidden: int = 8, lr: float = 0.05, accumulation=1):
     """Shard the tiny model and build its Adam dense optimizer: (sharded, optimizer, scheduler)."""
     from tml.core.sharding import shard_model
-    from tml.optimizers.build import build_optimizer
+    from tml.optimizers.build import build_optimizer, embedding_optimizer
     from tml.optimizers.config import EmbeddingOptimizerConfig, OptimizerConfig
 
     table_opt = {
@@ -106,7 +106,8 @@ def build_training(env, tables=("a", "b"), shardings=None, hidden: int = 8, lr: 
         "c": EmbeddingOptimizerConfig(adagrad={"learning_rate": 0.1}),
     }
     model = make_model(tables, hidden=hidden)
-    sharded = shard_model(model, env, shardings, {t: table_opt[t] for t in tables})
+    specs = {t: embedding_optimizer(table_opt[t]) for t in tables}
+    sharded = shard_model(model, env, shardings, specs, gradient_accumulation=accumulation)
     config = OptimizerConfig(
         adam={}, learning_rate={"linear_ramp_to_constant": {"learning_rate": lr, "num_ramp_steps": 2}}
     )
@@ -118,6 +119,36 @@ def rank_batches(env, start: int, stop: int, batch_size: int = 4):
     """This rank's batches [start, stop) of a deterministic stream (different data per rank)."""
     for index in range(start, stop):
         yield make_batch(index * env.world_size + env.rank, batch_size)
+
+
+class RankStream:
+    """`rank_batches` as a resumable dataset (the reader's state_dict / load_state_dict contract)."""
+
+    def __init__(self, env, stop: int, offset: int = 0, batch_size: int = 4) -> None:
+        self.env, self.stop, self.offset, self.batch_size, self.start = env, stop, offset, batch_size, 0
+
+    def __iter__(self):
+        return rank_batches(self.env, self.offset + self.start, self.stop, self.batch_size)
+
+    def state_dict(self, batches: int) -> dict:
+        return {"batches": batches}
+
+    def load_state_dict(self, state: dict, all_states=None) -> None:
+        self.start = state["batches"]
+
+
+def checkpointer(save_dir: str, env, sharded, optimizer, scheduler, every_n: int, stream=None):
+    """A Checkpointer with the parts a training run registers; returns (checkpointer, loop state)."""
+    from tml.core.checkpoint import Checkpointer
+    from tml.core.run import training_states
+    from tml.core.state import DataState, LoopState, RngState
+
+    loop = LoopState()
+    rank_states = {"rng": RngState(0, env, loop)}
+    if stream is not None:
+        rank_states["data"] = DataState(stream, loop)
+    states = training_states(sharded, optimizer, scheduler, loop)
+    return Checkpointer(save_dir, env, states, rank_states, every_n=every_n), loop
 
 
 class CountMetrics:

@@ -7,20 +7,12 @@ import torch
 from tml.core.distributed import DistEnv
 from tml.core.eval_loop import evaluate
 from tml.ml_logging.console import eval_tables
-from tml.ml_logging.metrics import MetricLogger
 from tml.projects.home.recap.build import build_metrics, build_validation_data
 from tml.projects.home.recap.config import RecapConfig
 
 
-def validate(
-    config: RecapConfig,
-    module: torch.nn.Module,
-    env: DistEnv,
-    metric_logger: MetricLogger,
-    step: int,
-    bf16: bool,
-) -> dict[str, float]:
-    """Evaluate each partition; returns and logs `eval/<partition>/[<segment>/]<task>/<metric>`."""
+def validate(config: RecapConfig, module: torch.nn.Module, env: DistEnv, bf16: bool) -> dict[str, float]:
+    """Evaluate each partition: `eval/<partition>/[<segment>/]<task>/<metric>` (reduced over ranks)."""
     steps = config.training.num_eval_steps
     steps = None if steps is None or steps < 0 else steps
     results: dict[str, float] = {}
@@ -41,7 +33,6 @@ def validate(
             task = key.split("/")[-2]
             if not keep or task in keep:
                 results[f"eval/{name}/{key}"] = value
-    metric_logger.log(step, results)
     return results
 
 

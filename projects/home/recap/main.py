@@ -7,147 +7,83 @@ torchrun --nproc_per_node=2 -m tml.projects.home.recap.main train --config X.yam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
-import torch
-
 from tml.core.cli import add_debug_flag, user_errors_as_one_line
-from tml.core.config.loader import ConfigError, load_config, save_config
-from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, run_distributed
+from tml.core.config.loader import ConfigError, load_config
+from tml.core.distributed import run_distributed
 from tml.ml_logging.log import get_logger, setup_logging
 from tml.projects.home.recap.config import RecapConfig
 
 logger = get_logger(__name__)
 
 
-def _runtime(config: RecapConfig) -> DistEnv:
-    t = config.training
-    env = init_distributed(t.backend, t.device, t.collective_timeout_s)
-    setup_logging(env.rank)
-    threads = configure_cpu_threads(t.num_threads)
-    logger.info("torch CPU threads per process: %d", threads)
-    torch.manual_seed(t.seed)
-    return env
-
-
-def _bf16(config: RecapConfig, env: DistEnv) -> bool:
-    mode = config.training.mixed_precision
-    return mode == "bf16" or (mode == "auto" and env.device.type == "cuda")
-
-
 def train(config: RecapConfig) -> None:
-    from tml.core.checkpoint import Checkpointer, warm_start
-    from tml.core.train_loop import LoopOptions
-    from tml.core.train_loop import train as train_loop
-    from tml.ml_logging.metrics import MetricLogger
+    from tml.core import run
     from tml.projects.home.recap import build
     from tml.projects.home.recap.evaluate import validate
+    from tml.reader.batch import RecapBatch
 
-    env = _runtime(config)
-    t = config.training
-    if env.rank == 0:
-        save_config(config, os.path.join(t.save_dir, "config.yaml"))
+    env = run.start(config.training)
     sharded = build.build_sharded(config, env)
     optimizer, scheduler = build.build_recap_optimizer(config, sharded)
-    table_optimizers = {f"table/{name}": opt for name, opt in sharded.table_optimizers.items()}
-    checkpointer = Checkpointer(
-        t.save_dir,
-        sharded.module,
-        {"dense": optimizer, **table_optimizers},
+    bf16 = run.use_bf16(config.training, env)
+    evaluate = (lambda module, step: validate(config, module, env, bf16)) if config.validation_data else None
+    job = run.TrainJob(
+        config,
+        config.training,
+        sharded,
+        optimizer,
         scheduler,
-        env,
-        t.checkpoint_every_n,
-        t.checkpoint_max_to_keep,
+        build.build_train_data(config, env),
+        RecapBatch,
+        evaluate,
+        config.optimizer.clip_grad_norm,
     )
-    checkpointer.install_signal_handlers()
-    dataset = build.build_train_data(config, env)
-    start_step, batches_trained = 0, 0
-    restored = checkpointer.restore_latest()
-    if restored is not None:
-        start_step, extra = restored
-        batches_trained = extra.get("batches_yielded", 0)
-        dataset.load_state_dict({"batches_yielded": batches_trained})
-        logger.info("resumed from step %d of %s", start_step, t.save_dir)
-    elif t.initial_checkpoint_dir is not None:
-        fresh = warm_start(sharded.module, t.initial_checkpoint_dir)
-        logger.info("warm start from %s; freshly initialised: %s", t.initial_checkpoint_dir, fresh or "none")
-    metric_logger = MetricLogger(t.save_dir, env.rank)
-    bf16 = _bf16(config, env)
-
-    def evaluate(step: int) -> None:
-        validate(config, sharded.module, env, metric_logger, step, bf16)
-
-    options = LoopOptions(
-        num_train_steps=t.num_train_steps,
-        gradient_accumulation=t.gradient_accumulation,
-        train_log_every_n=t.train_log_every_n,
-        eval_every_n=t.eval_every_n,
-        clip_grad_norm=config.optimizer.clip_grad_norm,
-        bf16=bf16,
-    )
-    result = train_loop(
-        sharded.module,
-        [optimizer, *table_optimizers.values()],
-        scheduler,
-        dataset,
-        env,
-        options,
-        metric_logger,
-        checkpointer,
-        evaluate if config.validation_data else None,
-        start_step,
-        batches_trained,
-    )
-    if checkpointer.latest_step() != result.step:
-        checkpointer.save(result.step, {"batches_yielded": result.batches_trained})
-    if config.validation_data and not (t.eval_every_n and result.step % t.eval_every_n == 0):
-        evaluate(result.step)
-    metric_logger.close()
-    logger.info(
-        "training done at step %d; checkpoints in %s", result.step, os.path.join(t.save_dir, "checkpoints")
-    )
+    run.fit(job, env)
 
 
-def _load_weights(config: RecapConfig, env: DistEnv, checkpoint: str | None):
-    from tml.core.checkpoint import Checkpointer, resolve_checkpoint
+def _load(config: RecapConfig, checkpoint: str | None):
+    from tml.core import run
+    from tml.core.checkpoint import load_weights
     from tml.projects.home.recap import build
 
+    env = run.start(config.training)
     sharded = build.build_sharded(config, env)
-    path = resolve_checkpoint(checkpoint or os.path.join(config.training.save_dir, "checkpoints"))
-    Checkpointer(config.training.save_dir, sharded.module, {}, None, env).load(path)
-    logger.info("loaded weights from %s", path)
-    return sharded, path
+    step = load_weights(sharded.module, checkpoint or config.training.save_dir)
+    return env, sharded, step
 
 
-def evaluate(config: RecapConfig, checkpoint: str | None) -> None:
-    from tml.ml_logging.metrics import MetricLogger
+def evaluate(config: RecapConfig, checkpoint: str | None, output: str | None) -> None:
+    from tml.core.run import use_bf16
     from tml.projects.home.recap.evaluate import print_table, validate
 
     if not config.validation_data:
         raise ConfigError("evaluate: the config has no validation_data partitions to evaluate")
-    env = _runtime(config)
-    sharded, path = _load_weights(config, env, checkpoint)
-    step = int(os.path.basename(path).removeprefix("step-")) if "step-" in path else 0
-    metric_logger = MetricLogger(config.training.save_dir, env.rank, console=False)
-    results = validate(config, sharded.module, env, metric_logger, step, _bf16(config, env))
-    metric_logger.close()
-    if env.rank == 0:
+    env, sharded, step = _load(config, checkpoint)
+    results = validate(config, sharded.module, env, use_bf16(config.training, env))
+    if env.is_main:
+        path = output or os.path.join(config.training.save_dir, "evaluate", f"step-{step}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"step": step, **results}, f, indent=1)
         print(print_table(results))
+        logger.info("evaluation of step %d written to %s", step, path)
 
 
-def predict(config: RecapConfig, checkpoint: str | None, inputs: str, output: str) -> None:
+def predict(config: RecapConfig, checkpoint: str | None, inputs: str, output: str, overwrite: bool) -> None:
     from tml.projects.home.recap.predict import write_predictions
 
-    env = _runtime(config)
-    sharded, _ = _load_weights(config, env, checkpoint)
-    write_predictions(config, sharded.module, env, inputs, output)
+    env, sharded, _ = _load(config, checkpoint)
+    write_predictions(config, sharded.module, env, inputs, output, overwrite)
 
 
 def summary(config: RecapConfig) -> None:
     from tml.core.model_summary import summarize
     from tml.projects.home.recap.build import build_train_module
 
-    print(summarize(build_train_module(config).model))
+    print(summarize(build_train_module(config, embedding_device="meta").model))
 
 
 def generate_data(
@@ -205,9 +141,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--checkpoint", help="a step-N folder or a run folder (default: save_dir's latest)"
             )
+        if mode == "evaluate":
+            p.add_argument("--output", help="metrics JSON file (default: <save_dir>/evaluate/step-N.json)")
         if mode == "predict":
             p.add_argument("--input", required=True, help="Parquet glob or fsspec URL to score")
             p.add_argument("--output", required=True, help="output folder (one part file per rank)")
+            p.add_argument("--overwrite", action="store_true", help="replace part files already in --output")
         if mode == "generate-data":
             p.add_argument("--num-examples", type=int, required=True, help="training examples to write")
             p.add_argument("--output", required=True, help="folder; gets train/ and one folder per partition")
@@ -234,9 +173,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.mode == "train":
         run_distributed(lambda: train(config))
     elif args.mode == "evaluate":
-        run_distributed(lambda: evaluate(config, args.checkpoint))
+        run_distributed(lambda: evaluate(config, args.checkpoint, args.output))
     elif args.mode == "predict":
-        run_distributed(lambda: predict(config, args.checkpoint, args.input, args.output))
+        run_distributed(lambda: predict(config, args.checkpoint, args.input, args.output, args.overwrite))
     elif args.mode == "summary":
         summary(config)
     elif args.mode == "generate-data":

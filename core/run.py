@@ -1,0 +1,219 @@
+"""The run lifecycle, once for every project: start the process, then resume or warm start, train with its
+eval and checkpoint cadence, save and evaluate the last step.
+
+A project builds its pieces with its own `build_*` functions and hands them over as a `TrainJob`; `fit`
+does the rest. Before anything is written to `training.save_dir`, a resume is checked against the
+checkpoint: a different model (config section or tensor shapes) or a different data plan is refused with
+the setting named, so a wrong command never overwrites a run's `config.yaml`.
+
+Example:
+    env = start(config.training)
+    sharded = build_sharded(config, env)
+    optimizer, scheduler = build_optimizer(...)
+    fit(TrainJob(config, config.training, sharded, optimizer, scheduler, dataset, RecapBatch, evaluate), env)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+import torch
+import yaml
+from torch import nn
+
+from tml.core.checkpoint import Checkpointer, complete_steps, model_differences, warm_start
+from tml.core.config.loader import ConfigError, save_config
+from tml.core.config.training import TrainingConfig
+from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, seed_ranks
+from tml.core.sharding import ShardedModel
+from tml.core.state import (
+    DataState,
+    FusedOptimizerState,
+    LoopState,
+    ModelState,
+    OptimizerState,
+    RngState,
+    SchedulerState,
+)
+from tml.core.train_loop import LoopOptions, TrainResult, train
+from tml.ml_logging.log import get_logger, setup_logging
+from tml.ml_logging.metrics import MetricLogger
+
+logger = get_logger(__name__)
+
+
+class ResumeError(ConfigError):
+    """A run folder's checkpoint cannot continue with this config; nothing was written."""
+
+
+def start(training: TrainingConfig) -> DistEnv:
+    """Join the process group, set up logging and CPU threads, seed torch (the same on every rank, so
+    every rank builds the same initial weights)."""
+    env = init_distributed(training.backend, training.device, training.collective_timeout_s)
+    setup_logging(env.rank)
+    threads = configure_cpu_threads(training.num_threads)
+    logger.info("torch CPU threads per process: %d", threads)
+    torch.manual_seed(training.seed)
+    return env
+
+
+def use_bf16(training: TrainingConfig, env: DistEnv) -> bool:
+    mode = training.mixed_precision
+    return mode == "bf16" or (mode == "auto" and env.device.type == "cuda")
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """What a project hands the lifecycle.
+
+    Args:
+        config: the project's whole config (saved as `<save_dir>/config.yaml`).
+        training: its `training` section.
+        sharded: the model from `shard_model`.
+        optimizer / scheduler: the dense optimizer and its LR scheduler.
+        train_data: iterable of batches with `state_dict(batches)` / `load_state_dict(state, all_states)`
+            (tml.reader's datasets).
+        batch_type: the batch class (registered with torchrec's pipelines).
+        evaluate: (module, step) -> metrics {name: value}, logged by the lifecycle; None: no evaluation.
+        clip_grad_norm: global L2 norm the dense gradients are clipped to.
+        model_section: the config key whose change makes a checkpoint unusable (compared on resume).
+    """
+
+    config: pydantic.BaseModel
+    training: TrainingConfig
+    sharded: ShardedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_data: Any
+    batch_type: type
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    clip_grad_norm: float | None = None
+    model_section: str = "model"
+
+
+def check_save_dir(save_dir: str) -> None:
+    if "://" in save_dir and not save_dir.startswith("file://"):
+        raise ConfigError(
+            f"training.save_dir {save_dir!r}: runs are written to a local or mounted folder (checkpoints are "
+            "renamed into place, which object stores cannot do atomically); mount the bucket or write "
+            "locally and copy the run folder afterwards"
+        )
+
+
+def _first_difference(saved: Any, current: Any, key: str) -> str | None:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in [*saved, *(k for k in current if k not in saved)]:
+            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for i, (a, b) in enumerate(zip(saved, current, strict=True)):
+            found = _first_difference(a, b, f"{key}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if saved == current else f"{key}: {saved!r} -> {current!r}"
+
+
+def check_resume(job: TrainJob, checkpoint: str) -> None:
+    """Refuse (ResumeError) to continue `checkpoint` with a different model; reads only."""
+    t = job.training
+    advice = "use a new `training.save_dir` with `initial_checkpoint_dir` to warm start"
+    saved_config = os.path.join(t.save_dir, "config.yaml")
+    if os.path.exists(saved_config):
+        with open(saved_config) as f:
+            saved = (yaml.safe_load(f) or {}).get(job.model_section)
+        current = job.config.model_dump(mode="json", by_alias=True).get(job.model_section)
+        difference = _first_difference(saved, current, job.model_section)
+        if difference is not None:
+            raise ResumeError(
+                f"checkpoint in {os.path.dirname(checkpoint)} was trained with a different model "
+                f"({difference}); {advice}"
+            )
+    problems = model_differences(job.sharded.module, checkpoint)
+    if problems:
+        raise ResumeError(
+            f"checkpoint in {os.path.dirname(checkpoint)} was trained with a different model "
+            f"({problems[0]}); {advice}"
+        )
+
+
+def training_states(sharded: ShardedModel, optimizer, scheduler, loop: LoopState) -> dict[str, Any]:
+    """The job-wide checkpoint parts of a training run: model, every optimizer, scheduler, loop counters."""
+    states: dict[str, Any] = {
+        "model": ModelState(sharded.module),
+        "optim/dense": OptimizerState(sharded.state_module, optimizer),
+        "scheduler": SchedulerState(scheduler),
+        "loop": loop,
+    }
+    for name, table_optimizer in sharded.table_optimizers.items():
+        states[f"optim/table/{name}"] = OptimizerState(sharded.state_module, table_optimizer)
+    if sharded.fused_optimizer is not None:
+        states["fused"] = FusedOptimizerState(sharded.fused_optimizer)
+    return states
+
+
+def fit(job: TrainJob, env: DistEnv) -> TrainResult:
+    """Resume from `save_dir`'s latest checkpoint (or warm start), train, save and evaluate the last step."""
+    t = job.training
+    check_save_dir(t.save_dir)
+    loop = LoopState()
+    states = training_states(job.sharded, job.optimizer, job.scheduler, loop)
+    rank_states = {"data": DataState(job.train_data, loop), "rng": RngState(t.seed, env, loop)}
+    steps = complete_steps(os.path.join(t.save_dir, "checkpoints"))
+    latest = os.path.join(t.save_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
+    if latest is not None:
+        check_resume(job, latest)
+    checkpointer = Checkpointer(
+        t.save_dir, env, states, rank_states, t.checkpoint_every_n, t.checkpoint_max_to_keep
+    )
+    restored = checkpointer.load(latest) if latest is not None else None
+    if restored is not None:
+        logger.info("resumed from step %d of %s", restored, t.save_dir)
+    else:
+        if t.initial_checkpoint_dir is not None:
+            warm_start(job.sharded.module, t.initial_checkpoint_dir)
+        seed_ranks(t.seed, env)
+    if env.is_main:
+        save_config(job.config, os.path.join(t.save_dir, "config.yaml"))
+    checkpointer.install_signal_handlers()
+    metric_logger = MetricLogger(t.save_dir, env.rank)
+    evaluate = None
+    if job.evaluate is not None:
+
+        def evaluate(step: int) -> None:
+            metric_logger.log(step, job.evaluate(job.sharded.module, step))
+
+    options = LoopOptions(
+        num_train_steps=t.num_train_steps,
+        gradient_accumulation=t.gradient_accumulation,
+        train_log_every_n=t.train_log_every_n,
+        eval_every_n=t.eval_every_n,
+        clip_grad_norm=job.clip_grad_norm,
+        bf16=use_bf16(t, env),
+        pipeline=t.pipeline,
+        batch_type=job.batch_type,
+    )
+    optimizers = [job.optimizer, *job.sharded.table_optimizers.values()]
+    try:
+        result = train(
+            job.sharded.module,
+            optimizers,
+            job.scheduler,
+            job.train_data,
+            env,
+            options,
+            metric_logger,
+            checkpointer,
+            evaluate,
+            loop,
+        )
+    finally:
+        metric_logger.close()
+    logger.info("training done at step %d; checkpoints in %s", result.step, checkpointer.dir)
+    return result
