@@ -1,6 +1,7 @@
-"""The batch the reader yields and the models consume.
+"""The ranking batch: what the ranking decoder (tml.reader.ranking) yields and the recap models consume.
 
-Shapes: B = batch size, T = number of tasks. See docs/design.md for the contract.
+Shapes: B = batch size, T = number of tasks. See docs/design.md for the contract. Other decoders bring
+their own batch types; `register_pipelineable` serves them all.
 The class follows TorchRec's `Pipelineable` protocol (`to`, `record_stream`, `pin_memory`) without
 importing torchrec, so dense-only models run on a bare torch; `register_pipelineable()` makes
 `isinstance(batch, Pipelineable)` true for the train pipelines that check it.

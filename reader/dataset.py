@@ -270,28 +270,37 @@ class ParquetDataset(Generic[BatchT]):
             )
         return encode_state(self.plan, self._advance(self._start, count - self._start.batches))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], all_states: list[dict[str, Any]] | None = None) -> None:
         """The next `iter()` continues where `state` (from `state_dict`) left off, without decoding the past.
 
-        A state saved under another plan is re-planned or refused (tml.reader.state.replan, ResumeError);
-        after a change of world size, hand every new rank the state of old rank 0. A state of the form
-        `{"batches_yielded": n}` (no plan) resumes at batch n of this plan, unchecked, with a warning.
+        Args:
+            state: this rank's saved state; after a change of world size, the state of old rank 0.
+            all_states: after a change of world size, the states of every old rank (old rank order): the
+                re-plan then skips the rows they read in total rather than estimating it from `state`.
+
+        Raises:
+            ResumeError (a ValueError): the state cannot continue under this dataset's plan; the message
+                names the setting (tml.reader.state). Changes it can bridge are logged.
         """
-        if isinstance(state, dict) and set(state) == {"batches_yielded"}:
-            count = state["batches_yielded"]
-            if not isinstance(count, int) or count < 0:
-                raise ValueError(f"reader state needs a non-negative int 'batches_yielded', got {state!r}")
-            logger.warning(
-                "reader state %s carries no data plan: resuming at batch %d of the current plan unchecked",
-                state,
-                count,
-            )
-            position = self._advance(Position(0, 0, 0), count)
-        else:
-            saved, position = decode_state(state)
-            position, notes = replan(saved, position, self.plan)
-            for level, message in notes:
-                logger.log(level, "rank %d: %s", self.plan.rank, message)
+        saved, position = decode_state(state)
+        all_saved = [decode_state(other) for other in all_states] if all_states is not None else None
+
+        def old_share_rows(epoch: int, old_rank: int) -> int:
+            # Only asked once inputs and shuffling are known to be unchanged: the same units, the old layout.
+            plan = self.plan
+            return epoch_plan(
+                self._units,
+                epoch,
+                old_rank,
+                saved.world_size,
+                plan.seed,
+                plan.shuffle_files,
+                plan.buffer_size,
+            ).num_rows
+
+        position, notes = replan(saved, position, self.plan, all_saved, old_share_rows)
+        for level, message in notes:
+            logger.log(level, "rank %d: %s", self.plan.rank, message)
         self._start, self._resume_next = position, True
         self._batches_yielded = position.batches
 

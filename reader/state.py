@@ -19,7 +19,7 @@ re-plans exactly, re-plans with a logged approximation, or raises `ResumeError` 
 | `shuffle.seed` (while anything shuffles), `shuffle.shuffle_files`, `shuffle.buffer_size` | ResumeError naming the key |
 | `rank` at the same world size | ResumeError naming `rank` |
 | `global_batch_size` at the same world size | exact: the same rows from the same row on, cut into new batches |
-| world size | the same epoch, row `row * old_world_size // new_world_size` of each new rank's share; rows of that epoch may repeat or be skipped; later epochs exact |
+| world size | the same epoch; each new rank skips (rows the old ranks read of it) // new world size rows of its share; rows of that epoch may repeat or be skipped; later epochs exact |
 | `num_epochs` | fine while the position is inside the new number of epochs, else ResumeError naming `num_epochs` |
 | only the folder of the files | fine (logged) |
 
@@ -34,13 +34,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from tml.core.errors import UserError
 
 VERSION = 1
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A saved reader state cannot continue under the current plan; the message names the setting."""
 
 
@@ -165,6 +167,11 @@ def encode_state(plan: DataPlan, position: Position) -> dict[str, Any]:
 
 def decode_state(state: Any) -> tuple[DataPlan, Position]:
     """(plan, position) of a state made by `encode_state`; ResumeError for anything else."""
+    if isinstance(state, dict) and set(state) == {"batches_yielded"}:
+        raise ResumeError(
+            f"reader state {state}: the old format, a batch count without the data plan it counts in, cannot "
+            "be checked; resume from a checkpoint written by this version or start without the reader state"
+        )
     if not isinstance(state, dict) or state.get("version") != VERSION:
         version = state.get("version") if isinstance(state, dict) else None
         raise ResumeError(
@@ -206,8 +213,37 @@ def _check_unchanged(saved: DataPlan, current: DataPlan) -> list[tuple[int, str]
     return notes
 
 
-def replan(saved: DataPlan, position: Position, current: DataPlan) -> tuple[Position, list[tuple[int, str]]]:
-    """`position` (saved under `saved`) under the `current` plan, and what to log about it.
+def _check_all_saved(saved: DataPlan, all_saved: Sequence[tuple[DataPlan, Position]]) -> None:
+    ranks = [plan.rank for plan, _ in all_saved]
+    if ranks != list(range(saved.world_size)):
+        raise ResumeError(
+            f"all_states: expected the states of old ranks 0..{saved.world_size - 1} in rank order, got the "
+            f"states of ranks {ranks}"
+        )
+    for plan, _ in all_saved:
+        if plan != dataclasses.replace(saved, rank=plan.rank):
+            raise ResumeError(
+                f"all_states: old rank {plan.rank}'s state has another data plan than the others"
+            )
+
+
+def replan(
+    saved: DataPlan,
+    position: Position,
+    current: DataPlan,
+    all_saved: Sequence[tuple[DataPlan, Position]] | None = None,
+    old_share_rows: Callable[[int, int], int] | None = None,
+) -> tuple[Position, list[tuple[int, str]]]:
+    """`position` (saved under `saved`) under the `current` plan, and what to log: [(level, message)].
+
+    Args:
+        saved / position: the decoded state handed to this rank.
+        current: this rank's plan.
+        all_saved: when the world size changed, every old rank's (plan, position), old rank order: the new
+            ranks then skip the rows the old ranks read of the epoch in total; None: estimated from
+            `position` alone (every old rank read as many rows as this one).
+        old_share_rows: (epoch, old rank) -> rows of that rank's share of the epoch in the old layout
+            (needed with `all_saved`, for old ranks already past the epoch).
 
     Raises:
         ResumeError: the plans differ in a way no position can bridge (see the module docstring).
@@ -227,14 +263,31 @@ def replan(saved: DataPlan, position: Position, current: DataPlan) -> tuple[Posi
                 f"of its share, in batches of {current.batch_size} rows from there"
             )))  # fmt: skip
     else:
-        # Every old rank had read about `row` rows of this epoch: the new ranks skip the same total.
-        row = row * saved.world_size // current.world_size
+        if all_saved is not None:
+            assert old_share_rows is not None, "all_saved needs old_share_rows"
+            _check_all_saved(saved, all_saved)
+            read = sum(
+                pos.row
+                if pos.epoch == epoch
+                else old_share_rows(epoch, plan.rank)
+                if pos.epoch > epoch
+                else 0
+                for plan, pos in all_saved
+            )
+            source = f"the {saved.world_size} old ranks had read {read} rows of it"
+        else:
+            read = position.row * saved.world_size
+            source = (
+                f"from old rank {saved.rank}'s position: row {position.row} of its share x {saved.world_size} "
+                "ranks"
+            )
+        # The new ranks skip as many rows of this epoch in total as the old ranks had read.
+        row = read // current.world_size
         notes.append((logging.WARNING, (
             f"world size {saved.world_size} -> {current.world_size}: epoch {epoch} is re-dealt over "
-            f"{current.world_size} ranks; resuming at row {row} of each rank's share (batch "
-            f"{row // current.batch_size} of {current.batch_size} rows), from old rank {saved.rank}'s "
-            f"position (row {position.row} of its share, batches of {saved.batch_size}); rows of this epoch "
-            "before/after the resume may repeat or be skipped; later epochs are exact"
+            f"{current.world_size} ranks ({source}); resuming at row {row} of each rank's share (batch "
+            f"{row // current.batch_size} of {current.batch_size} rows); rows of this epoch before/after the "
+            "resume may repeat or be skipped; later epochs are exact"
         )))  # fmt: skip
     if saved.num_epochs != current.num_epochs:
         end = current.num_epochs

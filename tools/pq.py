@@ -1,6 +1,7 @@
 """`tml-pq`: look inside Parquet data sets (schema, first rows, row count, per-column statistics).
 
-PATH is a file, a directory (all `*.parquet` below it), a glob, or an fsspec URL (`s3://bucket/x/*.parquet`).
+PATH is a file, a directory (all `*.parquet` below it), a glob, or an fsspec URL (`s3://bucket/x/*.parquet`),
+resolved exactly as the reader resolves `inputs` (tml.reader.fs.list_inputs: `_*` / `.*` entries skipped).
 `stats` streams record batches, so data sets larger than memory work; its figures are exact.
 
 Example:
@@ -22,35 +23,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-_GLOB_CHARS = "*?["
+from tml.reader.fs import list_inputs
 
 
 def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str]]:
-    """Expand PATHs (files, directories, globs, fsspec URLs) into (filesystem, file) pairs, each sorted.
+    """Expand PATHs into (filesystem, file) pairs with the reader's own resolver, so `count` and `stats`
+    see exactly the files training reads (hidden `_*` / `.*` entries skipped; see docs/reader.md).
 
     Raises:
-        FileNotFoundError: a PATH matches nothing, naming the pattern.
+        FileNotFoundError: a PATH matches nothing, naming it.
+        ImportError: a PATH's protocol is not installed, naming the pip extra.
     """
-    return [(fs, file) for path in paths for fs, file in _resolve_one(path)]
-
-
-def _resolve_one(path: str) -> list[tuple[fsspec.AbstractFileSystem, str]]:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if any(char in fs_path for char in _GLOB_CHARS):
-        files = [f for f in fs.glob(fs_path) if fs.isfile(f)]
-    elif fs.isdir(fs_path):
-        files = [
-            f
-            for f in fs.find(fs_path)
-            if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(("_", "."))
-        ]
-    elif fs.isfile(fs_path):
-        files = [fs_path]
-    else:
-        files = []
-    if not files:
-        raise FileNotFoundError(f"no Parquet files match {path!r}")
-    return [(fs, file) for file in sorted(files)]
+    pairs = []
+    for path in paths:
+        fs, files = list_inputs(path)
+        pairs += [(fs, file) for file in files]
+    return pairs
 
 
 def _open(fs: fsspec.AbstractFileSystem, file: str) -> pq.ParquetFile:
@@ -203,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tml-pq",
         description="Inspect Parquet data. PATH: a file, a directory (its *.parquet files), a glob, "
-        "or an fsspec URL such as s3://bucket/data/*.parquet (quote globs in the shell).",
+        "or an fsspec URL such as s3://bucket/data/*.parquet (quote globs in the shell); files and folders "
+        "whose names start with '_' or '.' are skipped, as the reader skips them.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("schema", help="print the Arrow schema (and warn when files differ)")
@@ -237,7 +226,7 @@ def cli(argv: list[str] | None = None) -> int:
             cmd_count(args.paths, args.per_file)
         else:
             cmd_stats(args.paths, args.columns)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ImportError, ValueError) as err:
         print(f"tml-pq: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -69,3 +69,33 @@ def test_shuffled_windows_keep_rows_together(tmp_path, rd):
     for row, u in enumerate(uid.tolist()):
         assert topics[row].tolist() == ([u % 7, u % 11] if u % 4 else [])
         assert batch.dense["continuous"][row, 0] == u * 10
+
+
+@pytest.mark.parametrize("num_buckets", [1, 7, 1000, 2**63 - 1])
+def test_ids_always_within_num_buckets(num_buckets):
+    extremes = [-(2**63), -1, 0, 5, 2**63 - 1, -123456789]
+    columns = [
+        pa.array(extremes, pa.int64()),
+        pa.array([-(2**31), -7, 2**31 - 1], pa.int32()),
+        pa.array([2**64 - 1, 2**63, 3], pa.uint64()),  # past int64: wrap to negatives before the modulo
+        pa.array(["", "a", "foobar", None, "ünïcode"]),
+        pa.array([extremes, None, [-3, None, 4]], pa.list_(pa.int64())),
+        pa.array([["x", "y"], [], None], pa.list_(pa.large_string())),
+    ]
+    for column in columns:
+        values, _ = decode_sparse(column, SparseSpec("f", "c", num_buckets=num_buckets), "x.parquet")
+        assert len(values) and bool(((values >= 0) & (values < num_buckets)).all()), (column.type, values)
+
+
+def test_ids_bounded_in_the_kjt_the_reader_delivers(tmp_path, rd):
+    table = rd.make_table(6).append_column("neg", pa.array([[-(2**63), -5], [-1], [], [2**62], [-9], [3]]))
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=4)
+    config = rd.base_config(
+        str(tmp_path),
+        global_batch_size=6,
+        sparse_features=[{"name": "neg", "column": "neg", "num_buckets": 10}],
+    )
+    values = next(iter(build_dataset(config, ["click"]))).sparse["neg"].values()
+    assert sorted(values.tolist()) == sorted([(-(2**63)) % 10, 5, 9, 2**62 % 10, 1, 3])
+    with pytest.raises(ValueError, match="num_buckets"):
+        rd.base_config(str(tmp_path), sparse_features=[{"name": "n", "column": "neg", "num_buckets": 2**63}])

@@ -98,3 +98,22 @@ def test_help_exits_cleanly(capsys):
         cli(["--help"])
     assert exit_info.value.code == 0
     assert "fsspec URL" in capsys.readouterr().out
+
+
+def test_count_agrees_with_what_the_reader_reads(data_dir, capsys):
+    from tml.reader.config import DataConfig
+    from tml.reader.dataset import build_dataset
+
+    # Hidden Parquet files a Spark job leaves (an unfinished attempt, a summary file) count for neither.
+    (data_dir / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(
+        pq.read_table(data_dir / "part-0.parquet"), data_dir / "_temporary" / "0" / "part-0.parquet"
+    )
+    pq.write_table(pq.read_table(data_dir / "part-1.parquet"), data_dir / ".part-1.parquet")
+    for inputs in (str(data_dir), str(data_dir / "*.parquet"), f"file://{data_dir}"):
+        config = DataConfig(
+            inputs=inputs, global_batch_size=2, dense_columns=[{"name": "x", "columns": ["x"]}], num_epochs=1
+        )
+        dataset = build_dataset(config, [])
+        assert _run(capsys, "count", inputs)[1] == f"{dataset.stats['rows']}\n" == "9\n"
+        assert sum(batch.batch_size for batch in dataset) == 9

@@ -183,8 +183,8 @@ class EdgeDecoder:
             row, count = _first(bad)
             name = self.names[int(rel[row])]
             raise DataError(
-                f"{where}: column {column!r} row {row}: id {int(ids[row])} is outside [0, {int(rows[row])}) "
-                f"of relation {name!r}'s {column} table ({count} rows out of range)"
+                f"{where}: column {column!r} row {row}: id {int(ids[row])} is outside [0, {int(rows[row])}), "
+                f"the {column} table of relation {name!r} ({count} rows out of range)"
             )
         return ids.astype(np.int64, copy=False)
 
