@@ -101,7 +101,7 @@ class EdgeDecoder:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"relation names must be non-empty strings, got {name!r}")
             for side, rows in (("lhs_rows", lhs_rows), ("rhs_rows", rhs_rows)):
-                if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+                if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 1:
                     raise ValueError(f"relation {name!r}: {side} must be an int >= 1, got {rows!r}")
         names = [relation[0] for relation in relations]
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -110,8 +110,8 @@ class EdgeDecoder:
         self.names = names
         self._names = pa.array(names, pa.large_string())
         self._rows = {
-            "lhs": np.array([relation[1] for relation in relations], dtype=np.int64),
-            "rhs": np.array([relation[2] for relation in relations], dtype=np.int64),
+            "lhs": np.array([int(relation[1]) for relation in relations], dtype=np.int64),
+            "rhs": np.array([int(relation[2]) for relation in relations], dtype=np.int64),
         }
 
     def columns(self) -> list[str]:
@@ -130,9 +130,8 @@ class EdgeDecoder:
                     f"{path}: column {column!r} is {fields[column]}, expected integer ids (int64)"
                 )
         rel = fields["rel"]
-        if pa.types.is_dictionary(rel):
-            rel = rel.value_type
-        if not (pa.types.is_integer(rel) or _is_string(rel)):
+        names = _is_string(rel.value_type) if pa.types.is_dictionary(rel) else _is_string(rel)
+        if not (pa.types.is_integer(rel) or names):
             raise DataError(
                 f"{path}: column 'rel' is {fields['rel']}, expected relation indices (integer) or relation "
                 "names (string or dictionary of strings)"

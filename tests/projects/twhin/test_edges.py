@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tml.projects.twhin.data.edges import EdgeBatch, build_edge_dataset
+from tml.projects.twhin.data.edges import EdgeBatch, EdgeDecoder, build_edge_dataset
 from tml.projects.twhin.data.synthetic import generate_edges
 from tml.reader.arrow_to_torch import DataError
 
@@ -76,6 +76,12 @@ def test_wrong_types_and_missing_columns_are_caught_from_the_footer(tmp_path):
     _write(tmp_path, [1, 2], [0.0, 1.0], [0, 0])
     with pytest.raises(DataError, match=r"e\.parquet: column 'rel' is double, expected relation indices"):
         build_edge_dataset(str(tmp_path), RELATIONS, 4)
+    # Parquet reads integer dictionaries back as plain integers; an Arrow schema can still hold one.
+    schema = pa.schema(
+        [("lhs", pa.int64()), ("rel", pa.dictionary(pa.int32(), pa.int64())), ("rhs", pa.int64())]
+    )
+    with pytest.raises(DataError, match=r"x\.parquet: column 'rel' is dictionary<values=int64"):
+        EdgeDecoder(RELATIONS).check_schema(schema, "x.parquet")
     pq.write_table(pa.table({"lhs": [1], "rhs": [2]}), tmp_path / "e.parquet")
     with pytest.raises(DataError, match=r"e\.parquet: missing edge column 'rel'; the file's columns are"):
         build_edge_dataset(str(tmp_path), RELATIONS, 4)
