@@ -1,4 +1,5 @@
-"""`tml-runs compare`: what differs between run folders, how their metrics compare, and their curves.
+"""`tml-runs`: compare run folders (config differences, last and best metrics, curves) and write their
+TensorBoard HParams records.
 
 A run folder is a `training.save_dir`: `config.yaml` and `metrics.jsonl` (see docs/runs.md). Runs still
 training and runs without evaluation work; a folder without `config.yaml` is refused by name.
@@ -7,6 +8,7 @@ Example:
     tml-runs compare runs/lr-1e-3 runs/lr-3e-3
     tml-runs compare runs/* --all --metric 'eval/valid/*/auroc' --metric train/loss
     tml-runs compare runs/* --plot 'eval/valid/*/auroc' --output auroc.png
+    tml-runs hparams runs/*        # then: tensorboard --logdir runs/
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import fnmatch
 import math
 import os
 import sys
-from collections.abc import Sequence
 from typing import Literal
 
-from tml.ml_logging.hparams import flatten_config, format_value
-from tml.ml_logging.run_folder import Run, default_metrics, read_run
+from tml.ml_logging.hparams import flatten_config, format_value, log_hparams
+from tml.ml_logging.run_folder import Run, default_metrics, final_metrics, read_run
+from tml.ml_logging.tables import format_number, format_table
 
 MAX_SUBPLOTS = 36
 _MISSING = "-"
@@ -50,38 +52,6 @@ def best_point(name: str, points: list[tuple[int, float]]) -> tuple[int, float] 
         return None
     score = {"max": lambda v: -v, "min": lambda v: v, "one": lambda v: abs(v - 1.0)}[rule]
     return min(finite, key=lambda p: score(p[1]))
-
-
-def format_table(
-    header: list[list[str]],
-    rows: list[list[str]],
-    right: Sequence[bool],
-    groups: list[tuple[str, int]] | None = None,
-) -> list[str]:
-    """Lines of an aligned table: columns as wide as their widest cell, two spaces apart, no trailing
-    blanks; `right[i]` right-aligns column i (numbers). `groups` is an optional first line of
-    (title, number of columns it spans) pairs, each title left-aligned over its columns."""
-    widths = [max(len(line[i]) for line in [*header, *rows]) for i in range(len(right))]
-    lines = []
-    if groups:
-        first = 0
-        for title, span in groups:
-            # A title wider than its columns widens them evenly.
-            missing = len(title) - sum(widths[first : first + span]) - 2 * (span - 1)
-            for i in range(max(0, missing)):
-                widths[first + i % span] += 1
-            first += span
-        first, cells = 0, []
-        for title, span in groups:
-            cells.append(title.ljust(sum(widths[first : first + span]) + 2 * (span - 1)))
-            first += span
-        lines.append("  ".join(cells).rstrip())
-    for line in [*header, *rows]:
-        cells = [
-            cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(line, widths, right, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
 
 
 def run_labels(paths: list[str]) -> list[str]:
@@ -113,12 +83,8 @@ def config_lines(runs: list[Run], labels: list[str], show_all: bool) -> list[str
     else:
         title = f"config: {len(differ)} of {len(keys)} keys differ (--all shows every key)"
         rows = [[key, *shown[key]] for key in differ]
-    header = [["key", *labels]]
-    return [title, *format_table(header, rows, [False] * (len(runs) + 1))]
-
-
-def _number(value: float) -> str:
-    return f"{value:.5g}"
+    # Every column is a label column: values are text (paths, lists), read left-aligned.
+    return [title, format_table(["key", *labels], rows, label_columns=len(runs) + 1)]
 
 
 def select_metrics(runs: list[Run], patterns: list[str] | None) -> list[str]:
@@ -153,25 +119,26 @@ def match_metrics(pattern: str, names: list[str]) -> list[str]:
 def metric_lines(runs: list[Run], labels: list[str], names: list[str]) -> list[str]:
     if not names:
         return ["metrics: none logged yet"]
-    title = "metrics: last, best @step (max auroc/pr_auc/rce/nrce, min loss, calibration nearest 1)"
-    header = [["metric", *(["last", "best"] * len(runs))]]
-    groups = [("", 1), *((label, 2) for label in labels)]
-    steps = ["step"]
+    title = "metrics: last and best @step (max auroc/pr_auc/rce/nrce, min loss, calibration nearest 1)"
+    columns = []  # per run: its "last" and "best" cells, row by row (titles, step, then each metric)
     for run in runs:
-        steps += [_MISSING if run.last_step is None else str(run.last_step), ""]
-    rows = [steps]
-    for name in names:
-        row = [name]
-        for run in runs:
+        last = ["last", _MISSING if run.last_step is None else str(run.last_step)]
+        best = ["best", ""]
+        for name in names:
             points = run.history.get(name)
-            if not points:
-                row += [_MISSING, _MISSING]
-                continue
-            best = best_point(name, points)
-            # No best for metrics without a direction (learning rates, counts): the cell stays blank.
-            row += [_number(points[-1][1]), f"{_number(best[1])} @{best[0]}" if best else ""]
-        rows.append(row)
-    return [title, *format_table(header, rows, [False] + [True] * (2 * len(runs)), groups)]
+            top = best_point(name, points) if points else None
+            last.append(format_number(points[-1][1]) if points else _MISSING)
+            # A metric without a direction (learning rate, count) has no best: the cell stays blank.
+            best.append(f"{format_number(top[1])} @{top[0]}" if top else "" if points else _MISSING)
+        columns.append(_pair_column(last, best))
+    rows = [[label, *(column[i] for column in columns)] for i, label in enumerate(["", "step", *names])]
+    return [title, format_table(["metric", *labels], rows)]
+
+
+def _pair_column(left: list[str], right: list[str]) -> list[str]:
+    # One table column per run keeps a run's two values together when the table is split into blocks.
+    lw, rw = max(map(len, left)), max(map(len, right))
+    return [f"{a:>{lw}}  {b:>{rw}}" for a, b in zip(left, right, strict=True)]
 
 
 def plot_metrics(runs: list[Run], pattern: str, output: str) -> list[str]:
@@ -248,6 +215,19 @@ def compare(
         print(f"\nwrote {output}: {len(plotted)} metric(s), {len(runs)} run(s)")
 
 
+def write_hparams(paths: list[str]) -> None:
+    """(Re)write each run folder's HParams record from its config.yaml and metrics.jsonl: runs trained
+    before the lifecycle wrote one, or copied from elsewhere."""
+    runs = [read_run(path) for path in paths]
+    for path, run in zip(paths, runs, strict=True):
+        step = run.last_step or 0
+        target = (run.config.get("training") or {}).get("num_train_steps")
+        status = "success" if isinstance(target, int) and step >= target else "running"
+        metrics = final_metrics(path)
+        folder = log_hparams(path, run.config, metrics, step, status=status)
+        print(f"{folder}: {len(metrics)} metric(s) at step {step}, {status}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tml-runs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", metavar="METRIC", help="draw this metric (a glob: one subplot per match)")
     p.add_argument("--output", metavar="FILE", help="image file for --plot (.png, .svg, .pdf)")
+    p = sub.add_parser("hparams", help="write run folders' TensorBoard HParams records from their files")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (training.save_dir)")
     return parser
 
 
@@ -269,10 +251,13 @@ def cli(argv: list[str] | None = None) -> int:
     """Entry point of the `tml-runs` console script; returns the exit status (2 on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.plot is None) != (args.output is None):
+    if args.command == "compare" and (args.plot is None) != (args.output is None):
         parser.error("--plot METRIC and --output FILE go together")
     try:
-        compare(args.runs, args.all, args.metric, args.plot, args.output)
+        if args.command == "compare":
+            compare(args.runs, args.all, args.metric, args.plot, args.output)
+        else:
+            write_hparams(args.runs)
     except ValueError as err:  # NotARunError included
         print(f"tml-runs: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 
@@ -74,8 +75,14 @@ def test_params_metrics_and_artifacts_read_back(store, tmp_path):
     }
 
 
-def test_a_resumed_run_folder_continues_its_mlflow_run(store, tmp_path, caplog):
+def test_a_resumed_run_folder_continues_its_mlflow_run(store, tmp_path, caplog, monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    # Capture the sink's warnings here, whatever handlers earlier tests left on the `tml` logger.
+    sink_logger = logging.getLogger("tml.ml_logging.mlflow_sink")
+    monkeypatch.setattr(sink_logger, "propagate", False)
+    monkeypatch.setattr(sink_logger, "handlers", [caplog.handler])
+    caplog.set_level(logging.WARNING, logger=sink_logger.name)
 
     uri, artifacts = store
     first = build_mlflow_sink(uri, "recap", "r", save_dir=str(tmp_path / "r"), artifact_location=artifacts)

@@ -70,15 +70,15 @@ def test_compare_prints_differing_keys_and_last_best_metrics(runs, capsys):
         "training.save_dir  lr-1e-3  lr-3e-3\n"
         "optimizer.adam.lr  0.001    0.003\n"
         "\n"
-        "metrics: last, best @step (max auroc/pr_auc/rce/nrce, min loss, calibration nearest 1)\n"
-        "                                                      lr-1e-3            lr-3e-3\n"
-        "metric                                                 last        best   last        best\n"
+        "metrics: last and best @step (max auroc/pr_auc/rce/nrce, min loss, calibration nearest 1)\n"
+        "metric                                                          lr-1e-3            lr-3e-3\n"
+        "                                                       last        best   last        best\n"
         "step                                                    400                200\n"
         "train/loss                                            0.401  0.401 @400  0.503  0.503 @200\n"
         "eval/valid/recap.engagement.is_favorited/auroc        0.549  0.749 @200  0.747  0.747 @200\n"
         "eval/valid/recap.engagement.is_favorited/calibration    0.8      1 @200      1      1 @200\n"
     )
-    assert max(len(line) for line in out.splitlines()) == len(out.splitlines()[7])
+    assert max(len(line) for line in out.splitlines()) == len(out.splitlines()[-1])
 
 
 def test_all_marks_differing_keys_and_metric_globs_select_rows(runs, capsys):
@@ -184,3 +184,23 @@ def test_plot_draws_one_subplot_per_metric_with_run_legend(runs, tmp_path, capsy
     assert [t.get_text() for t in figure.legends[0].get_texts()] == ["lr-1e-3", "lr-3e-3"]
     assert list(axes[1].lines[0].get_xdata()) == [100, 200, 300, 400]
     assert (tmp_path / "two.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_hparams_command_writes_each_runs_record(runs, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    code, out, _ = _cli(capsys, "hparams", *runs)
+    assert code == 0
+    assert out.splitlines() == [
+        f"{runs[0]}/tensorboard/hparams: 3 metric(s) at step 400, success",
+        f"{runs[1]}/tensorboard/hparams: 3 metric(s) at step 200, running",
+    ]
+    for run, finished in zip(runs, (True, False), strict=True):
+        acc = EventAccumulator(f"{run}/tensorboard/hparams")
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        assert start.hparams["optimizer.adam.lr"].number_value in (0.001, 0.003)
+        assert (metadata.SESSION_END_INFO_TAG in content) == finished
+        assert sorted(acc.Tags()["scalars"]) == sorted(["train/loss", f"{FAV}/auroc", f"{FAV}/calibration"])
