@@ -51,6 +51,13 @@ def _few(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _row_groups(then: tuple[int, ...], now: tuple[int, ...]) -> str:
+    """How a file's row groups changed, in the fewest words that show the difference."""
+    if sum(then) == sum(now) and len(then) == len(now):  # the same totals: show the sizes themselves
+        return f"rows per row group {list(then)} -> {list(now)}"
+    return f"{sum(then)} rows in {len(then)} row groups -> {sum(now)} rows in {len(now)} row groups"
+
+
 @dataclasses.dataclass(frozen=True)
 class InputFiles:
     """The files a plan reads: names relative to their common folder `root`, with rows per row group."""
@@ -88,10 +95,7 @@ class InputFiles:
         added = sorted(set(now) - set(then))
         removed = sorted(set(then) - set(now))
         changed = [
-            f"{name}: {sum(then[name])} rows in {len(then[name])} row groups -> "
-            f"{sum(now[name])} rows in {len(now[name])} row groups"
-            if sum(then[name]) != sum(now[name]) or len(then[name]) != len(now[name])
-            else f"{name}: row groups of {list(then[name])} -> {list(now[name])} rows"
+            f"{name}: {_row_groups(then[name], now[name])}"
             for name in sorted(set(now) & set(then))
             if now[name] != then[name]
         ]

@@ -278,3 +278,12 @@ def test_plan_summary_shows_mixed_folders_on_rank_0(tmp_path, rd, caplog):
     names = build_dataset(rd.base_config(str(many)), ["click"]).plan_summary()
     assert "(p0.parquet, p1.parquet, p2.parquet, ..., p7.parquet, p8.parquet)" in names
     assert pa  # pyarrow is imported for the table helpers above
+
+
+def test_rewritten_row_groups_with_the_same_rows_count_as_a_change():
+    from tml.reader.state import InputFiles
+
+    then = InputFiles.of(["/d/a.parquet", "/d/b.parquet"], [[16, 8], [5]])
+    now = InputFiles.of(["/d/a.parquet", "/d/b.parquet"], [[8, 16], [5]])
+    assert then.changes_since(then) is None and then.root == "/d"
+    assert now.changes_since(then) == "1 files changed (a.parquet: rows per row group [16, 8] -> [8, 16])"
