@@ -1,12 +1,13 @@
 """Ranking metrics for the evaluation loop: per task and per segment, from summable histograms.
 
-Shapes: B = batch, T = tasks, F = discrete features, S = segments (1 + number of stratifiers; segment 0 is
-all rows), N = `num_bins`.
+Shapes: B = batch, T = tasks, S = segments (1 + the project's segments; segment 0 is all rows),
+N = `num_bins`.
 
 The loop calls `metrics.update(batch, outputs)` per batch (under no_grad) with `outputs["probabilities"]`,
 `outputs["labels"]` and `outputs["weights"]`, each [B, T]; `metrics.compute()` returns
-`{"<task>/<metric>": float, "<stratifier>=<value>/<task>/<metric>": float}` already reduced over all ranks;
-`reset()` starts over. docs/metrics.md defines every metric.
+`{"<task>/<metric>": float, "<segment>/<task>/<metric>": float}` already reduced over all ranks;
+`reset()` starts over. docs/metrics.md defines every metric. Segments come from the project: it names them
+and gives a function `segment_masks(batch) -> [B, S - 1] bool` (core knows nothing about a batch's fields).
 
 All state is one float64 tensor of sums (a weighted histogram per segment and task plus a few totals), so
 one SUM all_reduce merges ranks and memory is O(S x T x N), independent of the number of examples.
@@ -16,17 +17,18 @@ logit is cut into N equal-width bins over [logit(eps), logit(1 - eps)]. Bins on 
 tasks (probabilities ~1e-5) apart, where equal-width probability bins would put them all in bin 0. The map is
 monotone, so AUROC and PR-AUC are exact up to ties inside a bin (counted half / as one threshold).
 
-NRCE rescales predictions on the logit scale: p' = sigmoid(logit(p) + b), with b the one constant for
-which the weighted mean of p' equals the weighted mean label (for small p this is p' ~ e^b p, a multiplicative
-rescaling, and p' never leaves (0, 1)). Neither b nor the log loss of p' splits into sums, so both come from the
-histogram, whose third channel holds each bin's logit mass: b solves sum_bins W_b sigmoid(l_b + b) = sum w y
-(W_b the bin's weight, l_b its weighted mean logit), and the rescaled log loss is the exact log loss plus the
-histogram's estimate of the change, CE' = CE + H(b) - H(0) with
-H(b) = sum_bins [pos_b softplus(-(l_b + b)) + neg_b softplus(l_b + b)] / W. At b = 0 NRCE equals RCE exactly;
-otherwise the error is second order in the bin width (32.2 / N on the logit scale).
+NRCE is RCE after recalibrating every prediction, and the recalibrated log loss does not split into sums,
+so it comes from the histogram, whose third channel holds each bin's logit mass (l_b: the bin's weighted
+mean logit, q_b = sigmoid(l_b)). The recalibrated log loss is the exact log loss plus the histogram's
+estimate of the change, CE' = CE + H(f) - H(identity), H(f) = sum_bins [pos_b CE(f(q_b), 1) +
+neg_b CE(f(q_b), 0)] / W: exact when f is the identity, otherwise off by second order in the bin width
+(32.2 / N on the logit scale).
+- `nrce` (the original's definition): f(p) = clip(p * k), k = mean label / mean prediction.
+- `nrce_logit_shift`: f(p) = sigmoid(logit(p) + b), b the one constant for which the weighted mean of f(p)
+  equals the weighted mean label (found by bisection over the histogram); it never leaves (0, 1).
 
 Example:
-    metrics = RankingMetrics(["fav", "reply"], stratifiers=[("country", 3, 7)])
+    metrics = RankingMetrics(["fav", "reply"], ["country=7"], lambda batch: batch.country[:, None] == 7)
     with torch.no_grad():
         for batch in loader:
             loss, outputs = model(batch)
@@ -38,11 +40,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tml.core.metrics_exact import auroc_exact, pr_auc_exact
 from tml.core.metrics_rank import RankMetrics, hits_at_k, mrr
@@ -72,6 +73,7 @@ METRIC_NAMES = (
     "log_loss",
     "rce",
     "nrce",
+    "nrce_logit_shift",
     "calibration",
     "mean_label",
     "mean_prediction",
@@ -123,13 +125,15 @@ class RankingMetrics:
 
     Args:
         task_names: the T task names, in the column order of outputs["labels"].
-        stratifiers: (name, column index into batch.dense["discrete"], value) per segment: the rows whose
-            column equals the value (the original's "feature rollup").
+        segment_names: names of the project's segments (used as metric-key prefixes: no '/'), in the
+            column order of `segment_masks`' result; empty for no segments.
+        segment_masks: batch -> [B, len(segment_names)] bool, True where a row belongs to the segment
+            (the project computes them from its own batch); required exactly when there are segment names.
         num_bins: histogram bins per task and segment (logit scale, see the module docstring).
         device: where the state starts; it follows the outputs' device on the first update.
 
     Example:
-        metrics = RankingMetrics(["fav"], stratifiers=[("country", 3, 7)], num_bins=10000)
+        metrics = RankingMetrics(["fav"], ["country=7"], lambda b: b.country[:, None] == 7, num_bins=10000)
         metrics.update(batch, {"probabilities": p, "labels": y, "weights": w})  # each [B, 1]
         metrics.compute()["country=7/fav/auroc"]
     """
@@ -137,7 +141,8 @@ class RankingMetrics:
     def __init__(
         self,
         task_names: Sequence[str],
-        stratifiers: Sequence[tuple[str, int, int]] = (),
+        segment_names: Sequence[str] = (),
+        segment_masks: Callable[[Any], torch.Tensor] | None = None,
         num_bins: int = 10000,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -149,11 +154,14 @@ class RankingMetrics:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"RankingMetrics: num_bins must be an int >= 2, got {num_bins!r}")
         self.num_bins = num_bins
-        self.stratifiers = [_check_stratifier(s) for s in stratifiers]
-        prefixes = [f"{name}={value}/" for name, _, value in self.stratifiers]
-        if len(set(prefixes)) != len(prefixes):
-            raise ValueError(f"RankingMetrics: stratifiers repeat a (name, value) pair: {self.stratifiers}")
-        self._prefixes = ["", *prefixes]
+        self.segment_names = _check_segment_names(segment_names)
+        if bool(self.segment_names) != (segment_masks is not None):
+            raise ValueError(
+                "RankingMetrics: give segment_masks exactly when there are segment_names, got "
+                f"{len(self.segment_names)} names and segment_masks={segment_masks!r}"
+            )
+        self.segment_masks = segment_masks
+        self._prefixes = ["", *(f"{name}/" for name in self.segment_names)]
         s, t = len(self._prefixes), len(self.task_names)
         self._hist_numel = s * t * num_bins * _NUM_CHANNELS
         self._state = torch.zeros(self._hist_numel + s * t * _NUM_SUMS, dtype=torch.float64, device=device)
@@ -167,33 +175,24 @@ class RankingMetrics:
 
     def _segment_mask(self, batch: Any, num_rows: int, device: torch.device) -> torch.Tensor:
         """[S, B] float64: 1 where a row belongs to the segment (segment 0: every row)."""
-        rows = [torch.ones(num_rows, dtype=torch.float64, device=device)]
-        if not self.stratifiers:
-            return rows[0].unsqueeze(0)
-        discrete = getattr(batch, "dense", {}).get("discrete")
-        if discrete is None:
+        every_row = torch.ones(1, num_rows, dtype=torch.float64, device=device)
+        if self.segment_masks is None:
+            return every_row
+        masks = self.segment_masks(batch)
+        expected = (num_rows, len(self.segment_names))
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or tuple(masks.shape) != expected:
+            got = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else type(masks)
             raise ValueError(
-                "RankingMetrics: stratifiers need batch.dense['discrete'] [B, F], but the batch has none "
-                f"(dense keys: {sorted(getattr(batch, 'dense', {}))})"
+                f"RankingMetrics: segment_masks(batch) must return a bool tensor [B, S] = {list(expected)} "
+                f"for segments {self.segment_names}, got {got}"
             )
-        if discrete.dim() != 2 or discrete.shape[0] != num_rows:
-            raise ValueError(
-                f"RankingMetrics: batch.dense['discrete'] must be [B={num_rows}, F], got {tuple(discrete.shape)}"
-            )
-        for name, index, value in self.stratifiers:
-            if index >= discrete.shape[1]:
-                raise ValueError(
-                    f"RankingMetrics: stratifier {name!r} reads discrete column {index}, but "
-                    f"batch.dense['discrete'] has only {discrete.shape[1]} columns"
-                )
-            rows.append((discrete[:, index] == value).to(device=device, dtype=torch.float64))
-        return torch.stack(rows)
+        return torch.cat([every_row, masks.to(device=device, dtype=torch.float64).T])
 
     @torch.no_grad()
     def update(self, batch: Any, outputs: dict[str, torch.Tensor]) -> None:
         """Add one batch. `outputs` needs `probabilities`, `labels`, `weights`, each [B, T].
 
-        `batch` is a RecapBatch; only `batch.dense["discrete"]` is read, and only when there are stratifiers.
+        `batch` is only handed to `segment_masks` (and may be anything when there are no segments).
         """
         probs, labels, weights = _check_outputs(outputs, len(self.task_names))
         device = probs.device
@@ -242,14 +241,18 @@ class RankingMetrics:
         bin_logit = torch.where(
             bin_weight > 0, logit_mass / bin_weight.clamp_min(1e-300), torch.zeros_like(pos)
         )
+        bin_prob = torch.sigmoid(bin_logit)
+
+        def recalibrated_rce(f_prob: torch.Tensor) -> torch.Tensor:
+            # CE' = CE + H(f) - H(identity), the histogram's estimate of the change (module docstring).
+            change = (_binned_log_loss(pos, neg, f_prob) - _binned_log_loss(pos, neg, bin_prob)) / weight
+            return torch.where(informative, 100.0 * (1.0 - (log_loss + change) / baseline), nan)
+
+        # The original's NRCE: every prediction times mean label / mean prediction, clipped.
+        scale = torch.where(pred_sum > 0, label_sum / pred_sum.clamp_min(1e-300), nan)
+        nrce = recalibrated_rce(bin_prob * scale.unsqueeze(-1))
         shift = _solve_shift(bin_weight, bin_logit, label_sum)
-
-        def binned_log_loss(b: torch.Tensor) -> torch.Tensor:
-            z = bin_logit + b.unsqueeze(-1)
-            return (pos * F.softplus(-z) + neg * F.softplus(z)).sum(-1) / weight
-
-        rescaled_loss = log_loss + binned_log_loss(shift) - binned_log_loss(torch.zeros_like(shift))
-        nrce = torch.where(informative, 100.0 * (1.0 - rescaled_loss / baseline), nan)
+        nrce_logit_shift = recalibrated_rce(torch.sigmoid(bin_logit + shift.unsqueeze(-1)))
 
         # A NaN prediction poisons the sums but sits in bin 0 of the histograms: don't report its AUCs.
         finite = torch.isfinite(pred_sum)
@@ -262,6 +265,7 @@ class RankingMetrics:
             log_loss=log_loss,
             rce=rce,
             nrce=nrce,
+            nrce_logit_shift=nrce_logit_shift,
             calibration=calibration,
             mean_label=mean_label,
             mean_prediction=mean_pred,
@@ -281,6 +285,16 @@ class RankingMetrics:
         self._state.zero_()
 
 
+def _binned_log_loss(pos: torch.Tensor, neg: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """[...] sum over bins of pos_b CE(prob_b, 1) + neg_b CE(prob_b, 0), prob clipped like log loss.
+
+    Args:
+        pos, neg: [..., N] positive / negative weight per bin; prob: [..., N] the prediction of each bin.
+    """
+    prob = prob.clamp(EPS, 1.0 - EPS)
+    return (pos * -torch.log(prob) + neg * -torch.log1p(-prob)).sum(-1)
+
+
 def _solve_shift(bin_weight: torch.Tensor, bin_logit: torch.Tensor, label_sum: torch.Tensor) -> torch.Tensor:
     """[...] logit shift b with sum_bins bin_weight * sigmoid(bin_logit + b) == label_sum, by bisection.
 
@@ -298,23 +312,16 @@ def _solve_shift(bin_weight: torch.Tensor, bin_logit: torch.Tensor, label_sum: t
     return 0.5 * (low + high)
 
 
-def _check_stratifier(stratifier: Any) -> tuple[str, int, int]:
-    try:
-        name, index, value = stratifier
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"RankingMetrics: a stratifier is (name, discrete column index, value), got {stratifier!r}"
-        ) from None
-    if not isinstance(name, str) or not name or "/" in name or "=" in name:
-        raise ValueError(
-            f"RankingMetrics: stratifier name must be a non-empty string without '/' or '=', got {name!r}"
-        )
-    for key, number in (("index", index), ("value", value)):
-        if isinstance(number, bool) or not isinstance(number, int):
-            raise ValueError(f"RankingMetrics: stratifier {name!r} {key} must be an int, got {number!r}")
-    if index < 0:
-        raise ValueError(f"RankingMetrics: stratifier {name!r} index must be >= 0, got {index}")
-    return name, index, value
+def _check_segment_names(names: Sequence[str]) -> list[str]:
+    names = list(names)
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(
+                f"RankingMetrics: a segment name must be a non-empty string without '/', got {name!r}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"RankingMetrics: segment_names has duplicates: {names}")
+    return names
 
 
 def _check_outputs(outputs: dict[str, torch.Tensor], num_tasks: int) -> tuple[torch.Tensor, ...]:

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tml.core.metrics import EPS, RankingMetrics, auroc_exact, pr_auc_exact
-from tml.reader.batch import RecapBatch
+from tml.core.metrics import EPS, METRIC_NAMES, RankingMetrics, auroc_exact, pr_auc_exact
 
 pytestmark = pytest.mark.unit
 
@@ -20,9 +19,15 @@ def _outputs(p, y, w) -> dict[str, torch.Tensor]:
     return {"probabilities": as_2d(p), "labels": as_2d(y), "weights": as_2d(w)}
 
 
-def _batch(discrete, y) -> RecapBatch:
-    y = torch.as_tensor(y, dtype=torch.float32)
-    return RecapBatch(dense={"discrete": torch.as_tensor(discrete)}, labels=y, weights=torch.ones_like(y))
+def _segments(discrete: torch.Tensor, stratifiers):
+    """Segment names and a mask function over `discrete` rows, as a project would give them."""
+    names = [f"{name}={value}" for name, _, value in stratifiers]
+
+    def masks(batch: dict) -> torch.Tensor:
+        rows = batch["rows"]
+        return torch.stack([discrete[rows, column] == value for _, column, value in stratifiers], dim=1)
+
+    return names, masks
 
 
 def _random(n: int, tasks: int, seed: int, mean_logit: float = 0.0):
@@ -33,10 +38,27 @@ def _random(n: int, tasks: int, seed: int, mean_logit: float = 0.0):
     return torch.sigmoid(logit), y, w
 
 
-def _nrce_reference(p, y, w) -> float:
-    """NRCE by its definition on every example: shift logits so the weighted mean matches the label mean."""
+def _as_numpy(p, y, w):
     p, y, w = (np.asarray(x, dtype=np.float64).ravel() for x in (p, y, w))
-    p = np.clip(p, EPS, 1 - EPS)
+    return np.clip(p, EPS, 1 - EPS), y, w
+
+
+def _rce_of(q, y, w) -> float:
+    q = np.clip(q, EPS, 1 - EPS)
+    loss = np.sum(w * -(y * np.log(q) + (1 - y) * np.log1p(-q))) / w.sum()
+    m = np.sum(w * y) / w.sum()
+    return 100 * (1 - loss / -(m * np.log(m) + (1 - m) * np.log1p(-m)))
+
+
+def _nrce_reference(p, y, w) -> float:
+    """The original's NRCE on every example: predictions times mean label / mean prediction, clipped."""
+    p, y, w = _as_numpy(p, y, w)
+    return _rce_of(p * np.sum(w * y) / np.sum(w * p), y, w)
+
+
+def _nrce_logit_shift_reference(p, y, w) -> float:
+    """Logits shifted by the one constant that makes the weighted mean prediction the mean label."""
+    p, y, w = _as_numpy(p, y, w)
     logit = np.log(p) - np.log1p(-p)
     low, high = -60.0, 60.0
     for _ in range(200):
@@ -45,10 +67,7 @@ def _nrce_reference(p, y, w) -> float:
             high = mid
         else:
             low = mid
-    z = logit + 0.5 * (low + high)
-    loss = np.sum(w * (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))) / w.sum()
-    m = np.sum(w * y) / w.sum()
-    return 100 * (1 - loss / -(m * np.log(m) + (1 - m) * np.log1p(-m)))
+    return _rce_of(1 / (1 + np.exp(-(logit + 0.5 * (low + high)))), y, w)
 
 
 def test_exact_references_on_hand_computed_inputs():
@@ -136,29 +155,63 @@ def test_rce_is_zero_at_the_mean_label_and_nrce_is_zero_for_any_constant():
     assert r["t/nrce"] == pytest.approx(0.0, abs=1e-4)
 
 
-def test_nrce_is_invariant_to_a_logit_shift_and_matches_its_definition():
+def test_nrce_logit_shift_is_invariant_to_a_logit_shift_and_matches_its_definition():
     p, y, w = _random(20000, 1, seed=4)
     logit = torch.logit(p.double())
-    reference = _nrce_reference(p, y, w)
+    reference = _nrce_logit_shift_reference(p, y, w)
     rces = []
     for shift in (0.0, -1.5, 0.8):
         shifted = torch.sigmoid(logit + shift).float()
         metrics = RankingMetrics(["t"])
         metrics.update(None, _outputs(shifted, y, w))
         r = metrics.compute()
-        assert r["t/nrce"] == pytest.approx(reference, abs=1e-3)
+        assert r["t/nrce_logit_shift"] == pytest.approx(reference, abs=1e-3)
         rces.append(r["t/rce"])
     assert max(rces) - min(rces) > 1.0  # the shifts do change RCE
+
+
+# Logit shifts of the predictions: -2 and -1 under-predict (rescaled 8x and 3x; 2% of the rescaled
+# predictions reach the clip at 1 - 1e-7, where the binned estimate is coarsest), 1 and 3 over-predict.
+@pytest.mark.parametrize(
+    ("shift", "tolerance"), [(0.0, 0.01), (-2.0, 0.1), (-1.0, 0.01), (1.0, 0.01), (3.0, 0.01)]
+)
+def test_nrce_is_the_originals_rescaling_on_every_example(shift, tolerance):
+    # The original's NRCE multiplies every prediction by mean label / mean prediction (then clips).
+    p, y, w = _random(20000, 2, seed=7, mean_logit=-3.0)
+    p = torch.sigmoid(torch.logit(p.double()) + shift).float()
+    metrics = RankingMetrics(["a", "b"])
+    for rows in torch.arange(20000).split(4096):
+        metrics.update(None, _outputs(p[rows], y[rows], w[rows]))
+    r = metrics.compute()
+    for t, task in enumerate(["a", "b"]):
+        assert r[f"{task}/nrce"] == pytest.approx(_nrce_reference(p[:, t], y[:, t], w[:, t]), abs=tolerance)
+        assert r[f"{task}/nrce_logit_shift"] == pytest.approx(
+            _nrce_logit_shift_reference(p[:, t], y[:, t], w[:, t]), abs=1e-3
+        )
+    if shift == 3.0:
+        # Far from calibrated, the two recalibrations disagree by whole points: they are different metrics.
+        assert abs(r["a/nrce"] - r["a/nrce_logit_shift"]) > 1.0
+
+
+def test_nrce_rescales_a_hand_computed_batch():
+    # Mean prediction 0.4, mean label 0.5: every prediction times 1.25.
+    p, y = [0.6, 0.2], [1.0, 0.0]
+    metrics = RankingMetrics(["t"])
+    metrics.update(None, _outputs(p, y, [1.0, 1.0]))
+    r = metrics.compute()
+    loss = -(math.log(0.75) + math.log(0.75)) / 2
+    assert r["t/nrce"] == pytest.approx(100 * (1 - loss / math.log(2)), abs=1e-3)
 
 
 def test_segments_equal_metrics_on_their_rows_alone():
     p, y, w = _random(3000, 2, seed=5)
     discrete = torch.randint(0, 3, (3000, 4), generator=torch.Generator().manual_seed(6))
-    metrics = RankingMetrics(["a", "b"], stratifiers=[("country", 1, 2), ("surface", 3, 0)])
+    names, masks = _segments(discrete, [("country", 1, 2), ("surface", 3, 0)])
+    metrics = RankingMetrics(["a", "b"], names, masks)
     for rows in torch.arange(3000).split(1000):
-        metrics.update(_batch(discrete[rows], y[rows]), _outputs(p[rows], y[rows], w[rows]))
+        metrics.update({"rows": rows}, _outputs(p[rows], y[rows], w[rows]))
     results = metrics.compute()
-    assert len(results) == 3 * 2 * 10
+    assert len(results) == 3 * 2 * len(METRIC_NAMES)
     for name, column, value in [("country", 1, 2), ("surface", 3, 0)]:
         rows = discrete[:, column] == value
         alone = RankingMetrics(["a", "b"])
@@ -166,6 +219,17 @@ def test_segments_equal_metrics_on_their_rows_alone():
         for key, expected in alone.compute().items():
             assert results[f"{name}={value}/{key}"] == pytest.approx(expected, rel=1e-9, abs=1e-9), key
     assert results["country=2/a/count"] == float((discrete[:, 1] == 2).sum())
+
+
+def test_core_metrics_name_no_project_field():
+    # Segments come from the project (segment_masks); core must not know a batch's fields.
+    import pathlib
+
+    import tml.core.metrics as module
+
+    source = pathlib.Path(module.__file__).read_text()
+    for name in ("discrete", "dense", "RecapBatch", "stratif", "recap"):
+        assert name not in source, name
 
 
 def test_degenerate_and_nan_inputs_give_nan_not_numbers():
@@ -190,20 +254,24 @@ def test_bad_inputs_raise_errors_that_name_the_problem():
         RankingMetrics(["a", "a"])
     with pytest.raises(ValueError, match="num_bins"):
         RankingMetrics(["a"], num_bins=1)
-    with pytest.raises(ValueError, match="stratifier 'c' index"):
-        RankingMetrics(["a"], stratifiers=[("c", -1, 0)])
-    with pytest.raises(ValueError, match="repeat"):
-        RankingMetrics(["a"], stratifiers=[("c", 0, 1), ("c", 2, 1)])
-    with pytest.raises(ValueError, match="name"):
-        RankingMetrics(["a"], stratifiers=[("a/b", 0, 1)])
-    metrics = RankingMetrics(["a", "b"], stratifiers=[("c", 5, 1)])
+    with pytest.raises(ValueError, match="segment_names has duplicates"):
+        RankingMetrics(["a"], ["c=1", "c=1"], lambda batch: batch)
+    with pytest.raises(ValueError, match="segment name must be a non-empty string without '/'"):
+        RankingMetrics(["a"], ["a/b"], lambda batch: batch)
+    with pytest.raises(ValueError, match="give segment_masks exactly when there are segment_names"):
+        RankingMetrics(["a"], ["c=1"])
+    with pytest.raises(ValueError, match="give segment_masks exactly when there are segment_names"):
+        RankingMetrics(["a"], [], lambda batch: batch)
+    # The mask function here returns the batch itself: a test hands the masks in directly.
+    metrics = RankingMetrics(["a", "b"], ["c=1"], lambda batch: batch)
     good = _outputs([0.5], [1.0], [1.0])
     with pytest.raises(ValueError, match=r"outputs\['probabilities'\] must be \[B, T=2\]"):
-        metrics.update(_batch([[0] * 6], [[1.0]]), good)
+        metrics.update(torch.ones(1, 1, dtype=torch.bool), good)
     two = {k: v.repeat(1, 2) for k, v in good.items()}
     with pytest.raises(ValueError, match="outputs has no 'weights'"):
-        metrics.update(_batch([[0] * 6], [[1.0]]), {k: two[k] for k in ("probabilities", "labels")})
-    with pytest.raises(ValueError, match="reads discrete column 5, but .* has only 3 columns"):
-        metrics.update(_batch([[0] * 3], [[1.0]]), two)
-    with pytest.raises(ValueError, match=r"need batch.dense\['discrete'\]"):
-        metrics.update(RecapBatch(dense={}, labels=two["labels"], weights=two["weights"]), two)
+        metrics.update(torch.ones(1, 1, dtype=torch.bool), {k: two[k] for k in ("probabilities", "labels")})
+    for wrong in (torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1), [[True]]):
+        with pytest.raises(ValueError, match=r"must return a bool tensor \[B, S\] = \[1, 1\]"):
+            metrics.update(wrong, two)
+    metrics.update(torch.ones(1, 1, dtype=torch.bool), two)
+    assert metrics.compute()["c=1/a/count"] == 1.0

@@ -12,10 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tml.core.metrics import RankingMetrics, RankMetrics
-from tml.reader.batch import RecapBatch
 
 TASKS = ["a", "b"]
-STRATIFIERS = [("country", 1, 2)]
+SEGMENTS = ["country=2"]
+
+
+def _country_is_2(batch: dict) -> torch.Tensor:
+    return (batch["discrete"][:, 1] == 2)[:, None]
 
 
 def _free_port() -> int:
@@ -36,9 +39,9 @@ def _data():
 
 def _evaluate(row_chunks, edge_rows) -> dict[str, float]:
     p, y, w, discrete, pos, neg = _data()
-    ranking = RankingMetrics(TASKS, stratifiers=STRATIFIERS, num_bins=500)
+    ranking = RankingMetrics(TASKS, SEGMENTS, _country_is_2, num_bins=500)
     for rows in row_chunks:
-        batch = RecapBatch(dense={"discrete": discrete[rows]}, labels=y[rows], weights=w[rows])
+        batch = {"discrete": discrete[rows]}
         ranking.update(batch, {"probabilities": p[rows], "labels": y[rows], "weights": w[rows]})
     link = RankMetrics(ks=(1, 3))
     if edge_rows is not None:

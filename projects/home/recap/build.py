@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tml.core.config.loader import ConfigError
 from tml.core.distributed import DistEnv
 from tml.core.metrics import RankingMetrics
 from tml.core.sharding import ShardedModel, load_full_table, shard_model
@@ -13,6 +14,7 @@ from tml.optimizers.config import LearningRate, OptimizerConfig
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.model import RecapTrainModule, build_model, parameter_groups
 from tml.projects.home.recap.model.embeddings import read_pretrained
+from tml.projects.home.recap.model.stratifiers import stratifier_segments
 from tml.reader.config import DataConfig, dense_widths
 from tml.reader.dataset import ParquetDataset, build_dataset
 
@@ -65,23 +67,43 @@ def build_sharded(config: RecapConfig, env: DistEnv) -> ShardedModel:
 
 
 def build_recap_optimizer(config: RecapConfig, sharded: ShardedModel):
-    """Dense optimizer + LambdaLR: one schedule for the backbone and one per tower, or a single one."""
+    """Dense optimizer + LambdaLR: one schedule for the backbone and one per tower, or a single one.
+
+    The backbone group (every non-tower, non-table parameter) exists only when the model has such
+    parameters (a share_none model with a parameter-free featurization has none); its schedule must be
+    set exactly then, so that no schedule in the config goes unused.
+    """
     opt = config.optimizer
     single = opt.single_task_learning_rate
-    default = single if single is not None else opt.multi_task_learning_rates.backbone_learning_rate
+    rates = opt.multi_task_learning_rates
+    schedules: dict[str, LearningRate] = {}
+    if single is None:
+        prefixes = parameter_groups(unwrap(sharded.module))
+        key = "optimizer.multi_task_learning_rates.backbone_learning_rate"
+        if "backbone" in prefixes and rates.backbone_learning_rate is None:
+            raise ConfigError(
+                f"{key} is unset, but the model has parameters outside the towers and tables "
+                f"({', '.join(p.removeprefix('model.') for p in prefixes['backbone'])}): give them a schedule"
+            )
+        if "backbone" not in prefixes and rates.backbone_learning_rate is not None:
+            raise ConfigError(
+                f"{key} is set, but the model has no parameters outside the towers and tables "
+                f"(multi_task_type {config.model.multi_task_type.value}, a parameter-free featurization, no "
+                "small embeddings or position debias): remove it, it would train nothing"
+            )
+        if rates.backbone_learning_rate is not None:
+            schedules["backbone"] = rates.backbone_learning_rate
+        schedules.update(rates.tower_learning_rates)
     dense = OptimizerConfig(
         adam=opt.adam,
         sgd=opt.sgd,
         adagrad=opt.adagrad,
-        learning_rate=default,
+        # Without groups every parameter follows this schedule; with groups each follows its own.
+        learning_rate=single if single is not None else next(iter(schedules.values())),
         clip_grad_norm=opt.clip_grad_norm,
     )
     if single is not None:
         return build_optimizer(sharded.dense_named_parameters(), dense)
-    inner = unwrap(sharded.module)
-    prefixes = parameter_groups(inner)
-    schedules: dict[str, LearningRate] = {"backbone": opt.multi_task_learning_rates.backbone_learning_rate}
-    schedules.update(opt.multi_task_learning_rates.tower_learning_rates)
     groups = {
         group: ([prefix.rstrip(".") for prefix in prefixes[group]], schedule)
         for group, schedule in schedules.items()
@@ -120,5 +142,6 @@ def build_validation_data(data: DataConfig, config: RecapConfig, env: DistEnv) -
 
 
 def build_metrics(config: RecapConfig, device: torch.device) -> RankingMetrics:
-    stratifiers = [(s.name, s.index, s.value) for s in config.model.stratifiers]
-    return RankingMetrics(task_names(config), stratifiers, device=device)
+    """Ranking metrics of every task, overall and per `model.stratifiers` segment (`<name>=<value>/...`)."""
+    names, masks = stratifier_segments([(s.name, s.index, s.value) for s in config.model.stratifiers])
+    return RankingMetrics(task_names(config), names, masks, device=device)

@@ -6,6 +6,7 @@ Sections: `training` (core), `model` (model.py), `train_data` / `validation_data
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import pydantic
@@ -37,8 +38,11 @@ class MultiTaskLearningRates(BaseConfig):
     tower_learning_rates: dict[str, LearningRate] = _F(
         description="Task name -> schedule of that task's tower (every task needs one)."
     )
-    backbone_learning_rate: LearningRate = _F(
-        description="Schedule of everything that is not a tower (featurization, backbone, small embeddings)."
+    backbone_learning_rate: LearningRate | None = _F(
+        None,
+        description="Schedule of every parameter outside the towers and the large tables (featurization, "
+        "backbone, small embeddings, ...). Required when the model has such parameters, rejected when it "
+        "has none (checked at build).",
     )
 
 
@@ -104,12 +108,35 @@ class RecapConfig(BaseConfig):
                 "optimizer.multi_task_learning_rates.tower_learning_rates must name exactly the model's tasks: "
                 f"model.tasks = {sorted(tasks)}, tower_learning_rates = {sorted(rates.tower_learning_rates)}"
             )
+        self._check_id_ranges()
         weights = self.prediction.ranking_weights
         if weights is not None and set(weights) - set(tasks):
             raise ValueError(
                 f"prediction.ranking_weights: {sorted(set(weights) - set(tasks))} are not model tasks"
             )
         return self
+
+    def _check_id_ranges(self) -> None:
+        # The reader takes ids modulo num_buckets; an id past a table's last row would be clamped onto a
+        # real row by FBGEMM on GPU (silently training the wrong embedding), so every id must have a row.
+        large = self.model.large_embeddings
+        if large is None:
+            return
+        tables = {feature: table for table in large.tables for feature in table.features}
+        for where, data in [
+            ("train_data", self.train_data),
+            *((f"validation_data.{k}", v) for k, v in self.validation_data.items()),
+        ]:
+            for i, feature in enumerate(data.sparse_features):
+                table = tables.get(feature.name)
+                if table is None or (feature.num_buckets or math.inf) <= table.num_embeddings:
+                    continue
+                given = "is unset" if feature.num_buckets is None else f"= {feature.num_buckets} is larger"
+                raise ValueError(
+                    f"{where}.sparse_features[{i}].num_buckets {given} but feature {feature.name!r} feeds "
+                    f"table {table.name!r} with num_embeddings = {table.num_embeddings}: set num_buckets <= "
+                    "num_embeddings so that every id has a row of its own"
+                )
 
     def ranking_weights(self) -> dict[str, float]:
         given = self.prediction.ranking_weights

@@ -291,17 +291,40 @@ class PositionDebiasConfig(BaseConfig):
     )
     num_dims: pydantic.PositiveInt = pydantic.Field(..., description="Width of the position embedding.")
     drop_probability: float = pydantic.Field(
-        ..., ge=0.0, le=1.0, description="Training-time probability of replacing a position by unknown."
+        ...,
+        le=1.0,
+        description="Training-time probability of replacing a position by unknown (> 0: evaluation uses "
+        "the unknown row, which only dropped positions train).",
     )
     position_feature_index: pydantic.NonNegativeInt = pydantic.Field(
         ..., description="Column of batch.dense['discrete'] holding the position."
     )
 
+    @pydantic.field_validator("drop_probability")
+    @classmethod
+    def _trains_unknown(cls, value: float) -> float:
+        if value <= 0.0:
+            raise ValueError(
+                f"drop_probability must be > 0, got {value}: evaluation and prediction look up the unknown "
+                "position row, and only positions dropped in training teach it anything (with 0 it keeps "
+                "its random initial values)"
+            )
+        return value
+
 
 class StratifierConfig(BaseConfig):
-    name: str = pydantic.Field(..., description="Segment name used in metric names.")
+    name: str = pydantic.Field(
+        ..., description="Segment name: metric keys read `<name>=<value>/<task>/<metric>` (no '/' or '=')."
+    )
     index: pydantic.NonNegativeInt = pydantic.Field(..., description="Column of batch.dense['discrete'].")
     value: int = pydantic.Field(..., description="Rows whose column equals this value form the segment.")
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _key_safe(cls, value: str) -> str:
+        if not value or "/" in value or "=" in value:
+            raise ValueError(f"stratifier name must be non-empty without '/' or '=', got {value!r}")
+        return value
 
 
 class TowerGroupConfig(BaseConfig):

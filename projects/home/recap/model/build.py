@@ -174,7 +174,18 @@ def build_model(
     task_downsampling: dict[str, tuple[float, float]],
     embedding_device: str = "cpu",
 ) -> RecapModel:
-    """Build the model; task_downsampling: task -> (pos_rate, neg_rate) (tasks missing: no correction)."""
+    """Build the model (checks in the module docstring).
+
+    Args:
+        config: the validated `model:` section.
+        dense_widths: name -> width of every dense tensor of the data (`dense_widths(data_config)`).
+        sparse_feature_names: the keys of `batch.sparse`.
+        task_downsampling: task -> (pos_rate, neg_rate) of the training data (tasks missing: rate 1).
+        embedding_device: where the large tables are allocated ("meta": shard before allocating).
+
+    Example:
+        model = build_model(config, {"continuous": 8, "binary": 2}, [], {"fav": (1.0, 0.1)})
+    """
     tasks = list(config.tasks)
     if len({sanitize(t) for t in tasks}) != len(tasks):
         raise ValueError(f"model.tasks: names collide once dots become '__': {tasks}")
@@ -188,7 +199,9 @@ def build_model(
             raise ValueError(
                 f"task {task!r}: downsampling rates must be in (0, 1], got {(pos_rate, neg_rate)}"
             )
-        odds.append(neg_rate / pos_rate)
+        # Downsampling multiplied the training odds by pos_rate / neg_rate and BCE with pos_weight w
+        # fits w times those odds: the probabilities undo both.
+        odds.append(neg_rate / (pos_rate * config.tasks[task].pos_weight))
     for i, s in enumerate(config.stratifiers):
         _check_discrete(dense_widths, s.index, f"model.stratifiers[{i}].index")
 

@@ -1,23 +1,16 @@
-"""ModelConfig rejections (config-time and build-time), and the shipped example `model:` sections."""
-
-import pathlib
+"""ModelConfig rejections (config-time and build-time). The shipped examples are whole configs, tested in
+tests/test_shipped_configs.py, tests/projects/recap/test_pipelines.py and test_examples.py."""
 
 import pydantic
 import pytest
-import torch
-import yaml
 
 from tml.projects.home.recap.config.model import ModelConfig
-from tml.projects.home.recap.model import RecapTrainModule, build_model, save_stats
-from tml.projects.home.recap.model.stats import ContinuousStats
-from tml.reader.batch import RecapBatch
+from tml.projects.home.recap.model import build_model
 
 pytestmark = pytest.mark.unit
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[4] / "projects/home/recap/config/examples"
 TOWER = {"mlp_config": {"layer_sizes": [4, 1]}}
 WIDTHS = {"continuous": 10, "binary": 3, "discrete": 4}
-VECTORS = {"user_follow_embedding": 6, "user_engagement_embedding": 6, "author_follow_embedding": 6}
 
 
 def _config(**overrides):
@@ -76,15 +69,18 @@ def test_value_checks():
     _reject("pos_weight", tasks={"a": {**TOWER, "pos_weight": 0.0}})
     _reject("layer_sizes", tasks={"a": {"mlp_config": {"layer_sizes": []}}})
     _reject("rate", tasks={"a": {"mlp_config": {"layer_sizes": [1], "dropout": {"rate": 1.5}}}})
-    _reject(
-        "drop_probability",
-        position_debias_config={
-            "max_position": 3,
-            "num_dims": 2,
-            "drop_probability": 2,
-            "position_feature_index": 0,
-        },
-    )
+    debias = {"max_position": 3, "num_dims": 2, "position_feature_index": 0}
+    _reject("drop_probability", position_debias_config={**debias, "drop_probability": 2})
+    # With 0 the unknown row, the one evaluation uses, would never be trained.
+    for never in (0, -0.5):
+        _reject(
+            "drop_probability must be > 0.*only positions dropped in training",
+            position_debias_config={**debias, "drop_probability": never},
+        )
+    for bad in ("a/b", "a=b", ""):
+        _reject(
+            "stratifier name must be non-empty without", stratifiers=[{"name": bad, "index": 0, "value": 1}]
+        )
 
 
 def test_featurization_groups_and_removed_keys():
@@ -217,38 +213,3 @@ def test_build_time_split_checks():
     _build_fails(
         r"column 3 of 'continuous' is also in group 'g'", split("continuous[0:4]", other=["continuous[3:5]"])
     )
-
-
-def _example(name, tmp_path):
-    text = (EXAMPLES / f"model_{name}.yaml").read_text()
-    stats = tmp_path / "stats.json"
-    save_stats(ContinuousStats(mean=[0.5] * 10, std=[2.0] * 10, count=[1] * 10), str(stats))
-    # The lead's loader substitutes ${ENV} variables; this test does it by hand.
-    return ModelConfig.model_validate(yaml.safe_load(text.replace("${STATS_PATH}", str(stats)))["model"])
-
-
-def _kjt(keys, batch_size, num_embeddings=50):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    lengths = torch.tensor([1, 2, 0, 1] * (len(keys) * batch_size // 4))
-    values = torch.randint(0, num_embeddings, (int(lengths.sum()),))
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
-
-
-@pytest.mark.parametrize("name", ["mlp", "masknet", "dcn", "dlrm", "split_towers", "embeddings"])
-def test_example_model_sections_build_and_train(name, tmp_path):
-    config = _example(name, tmp_path)
-    widths = {**WIDTHS, **VECTORS}
-    sparse_names = ["user_id", "author_id"] if config.large_embeddings else []
-    model = build_model(config, widths, sparse_names, {})
-    B, T = 8, len(config.tasks)
-    dense = {k: torch.randn(B, w) for k, w in widths.items()}
-    dense["discrete"] = torch.randint(-1, 20, (B, 4))
-    sparse = _kjt(sparse_names, B) if sparse_names else None
-    batch = RecapBatch(
-        dense=dense, labels=torch.randint(0, 2, (B, T)).float(), weights=torch.ones(B, T), sparse=sparse
-    )
-    loss, outputs = RecapTrainModule(model)(batch)
-    loss.backward()
-    assert torch.isfinite(loss) and outputs["probabilities"].shape == (B, T)
-    assert all(p.grad is not None for p in model.parameters())

@@ -12,7 +12,7 @@ from tml.projects.home.recap.model import (
     embedding_table_prefixes,
     parameter_groups,
 )
-from tml.projects.home.recap.model.recap_model import downsampling_correction, sanitize
+from tml.projects.home.recap.model.recap_model import odds_correction, sanitize
 from tml.reader.batch import RecapBatch
 
 pytestmark = pytest.mark.unit
@@ -51,12 +51,12 @@ def test_outputs_follow_config_task_order():
         torch.testing.assert_close(out["logits"][:, i : i + 1], model.towers[sanitize(task)](x))
 
 
-def test_downsampling_correction_formula():
+def test_odds_correction_formula():
     p, r = torch.tensor([0.5, 0.9, 0.0]), torch.tensor([0.1, 0.01, 0.3])
     expected = torch.tensor([0.05 / 0.55, 0.009 / (0.1 + 0.009), 0.0])
-    torch.testing.assert_close(downsampling_correction(p, r), expected)
+    torch.testing.assert_close(odds_correction(p, r), expected)
     # The correction multiplies the odds by r.
-    q = downsampling_correction(torch.tensor(0.3), torch.tensor(0.2))
+    q = odds_correction(torch.tensor(0.3), torch.tensor(0.2))
     assert q / (1 - q) == pytest.approx(0.2 * 0.3 / 0.7)
 
 
@@ -73,6 +73,19 @@ def test_heads_apply_affine_map_then_sigmoid_then_correction():
     p = torch.sigmoid(out["logits"])
     torch.testing.assert_close(out["probabilities"][:, 0], p[:, 0] * 0.1 / (1 - p[:, 0] + 0.1 * p[:, 0]))
     torch.testing.assert_close(out["probabilities"][:, 1], p[:, 1])
+
+
+def test_probabilities_undo_pos_weight_and_downsampling():
+    # BCE with pos_weight w fits w times the odds; downsampling (pos 0.5, neg 0.1) multiplied them by 5.
+    tasks = {"a": _tower(pos_weight=4.0), "b": _tower(pos_weight=2.0)}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.model_validate({"tasks": tasks}), WIDTHS, [], {"a": (0.5, 0.1)})
+    torch.testing.assert_close(model.odds_ratios, torch.tensor([0.1 / 0.5 / 4.0, 1.0 / 2.0]))
+    out = model(_batch(n_tasks=2))
+    odds = torch.exp(out["logits"])  # the odds the model learned
+    torch.testing.assert_close(out["probabilities"] / (1 - out["probabilities"]), odds * model.odds_ratios)
+    # The heads' constants come from the config, never from a checkpoint.
+    assert not {"odds_ratios", "pos_weights", "loss_weights"} & set(model.state_dict())
 
 
 def test_loss_weights_pos_weight_and_example_weights():
@@ -112,6 +125,13 @@ def test_shared_backbone_and_parameter_groups(kind):
     loss, _ = train_module(_batch())
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_share_none_without_parameters_outside_towers_has_no_backbone_group():
+    model = _model()  # share_none, log1p featurization: only towers have parameters
+    assert set(parameter_groups(model)) == set(TASKS)
+    debias = {"max_position": 3, "num_dims": 2, "drop_probability": 0.5, "position_feature_index": 0}
+    assert parameter_groups(_model(position_debias_config=debias))["backbone"] == ["position."]
 
 
 def test_split_towers_and_group_embeddings():
@@ -155,8 +175,9 @@ def test_small_embeddings_map_out_of_range_ids_to_reserved_row():
 
 
 def test_position_debias_dropped_at_eval():
-    debias = {"max_position": 3, "num_dims": 2, "drop_probability": 0.0, "position_feature_index": 0}
+    debias = {"max_position": 3, "num_dims": 2, "drop_probability": 0.5, "position_feature_index": 0}
     model = _model(position_debias_config=debias)
+    model.position.drop_probability = 0.0  # every position kept, to check the lookup row by row
     rows = model.position.embedding.weight
     batch = _batch()
     batch.dense["discrete"][:, 0] = torch.tensor([0, 1, 2, 3, -5, 1])
@@ -214,7 +235,7 @@ def test_large_embeddings_pool_bags_and_load_pretrained(tmp_path):
         "large_embeddings.ebc.embedding_bags.user.",
         "large_embeddings.ebc.embedding_bags.author.",
     ]
-    assert all(not p.startswith("large_embeddings") for p in parameter_groups(model)["backbone"])
+    assert "backbone" not in parameter_groups(model)  # the tables are not in any dense group
     loss, _ = RecapTrainModule(model)(_batch(n_tasks=1, b=2, sparse=_kjt()))
     loss.backward()
     assert model.large_embeddings.ebc.embedding_bags["user"].weight.grad is not None
