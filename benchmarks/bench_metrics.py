@@ -20,6 +20,7 @@ import time
 import torch
 
 from tml.core.metrics import RankingMetrics, auroc_exact
+from tml.projects.home.recap.model.stratifiers import stratifier_segments
 from tml.reader.batch import RecapBatch
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     n = args.examples
 
     def run_ours(stratifiers):
-        metrics = RankingMetrics(tasks, stratifiers=stratifiers, num_bins=args.bins)
+        metrics = RankingMetrics(tasks, *stratifier_segments(stratifiers), num_bins=args.bins)
         for rows in batches:
             batch = RecapBatch(dense={"discrete": discrete[rows]}, labels=y[rows], weights=w[rows])
             metrics.update(batch, {"probabilities": p[rows], "labels": y[rows], "weights": w[rows]})
