@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tml.core.config.loader import ConfigError
 from tml.core.distributed import DistEnv
 from tml.core.tables import default_init, init_tables
 from tml.ml_logging.log import get_logger, warn_once
@@ -83,11 +84,15 @@ class ShardedModel:
         module: the DistributedModelParallel, DDP or untouched model; call it like the model.
         table_optimizers: table name -> torch optimizer (dense-kernel tables only).
         table_parameters: table name -> parameter name in `module` of those tables.
+        plan: torchrec's ShardingPlan (None without tables).
+        num_hosts: machines the planner saw (world size / ranks per machine).
     """
 
     module: nn.Module
     table_optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
     table_parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+    plan: Any = None
+    num_hosts: int = 1
 
     def dense_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters for the dense optimizer: not fused in backward, not owned by a table optimizer.
@@ -180,7 +185,7 @@ def shard_model(
     table_shardings = table_shardings or {}
     _check_names(tables, table_shardings, table_optimizers)
     constraints, fallback = _apply_table_optimizers(tables, table_shardings, table_optimizers, env)
-    module, plan = _wrap_dmp(
+    module, plan, topology = _wrap_dmp(
         model, env, constraints, device, batch_size, memory_bytes, gradient_accumulation == 1
     )
     _log_plan(plan, table_optimizers, fallback, env)
@@ -196,7 +201,8 @@ def shard_model(
         table_parameters[name] = fqn
         spec = table_optimizers[name]
         optimizers[name] = spec.cls([params[fqn]], **spec.kwargs)
-    return ShardedModel(module, optimizers, table_parameters)
+    hosts = env.world_size // topology.local_world_size
+    return ShardedModel(module, optimizers, table_parameters, plan, hosts)
 
 
 def _has_torchrec_tables(model: nn.Module) -> bool:
@@ -231,7 +237,7 @@ def _apply_table_optimizers(tables, table_shardings, table_optimizers, env):
                     for key, value in (("sharding_type", sharding), ("compute_kernel", kernel))
                     if value
                 )
-                raise ValueError(
+                raise ConfigError(
                     f"table '{name}': {asked} needs the optimizer fused into the backward pass, and "
                     f"{spec.name} has no fused {env.device.type} kernel (CPU has {sorted(CPU_FUSED)}); "
                     "choose one of those, or sharding_type 'data_parallel' with compute_kernel 'dense'"
@@ -307,7 +313,7 @@ def _wrap_dmp(model, env, constraints, device, batch_size, memory_bytes, static_
         sharders=sharders,
         data_parallel_wrapper=_data_parallel_wrapper(static_graph),
     )
-    return module, plan
+    return module, plan, topology
 
 
 def _data_parallel_wrapper(static_graph: bool):

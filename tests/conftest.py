@@ -135,3 +135,9 @@ def _wait(procs: list[subprocess.Popen], timeout: float, grace: float = 3.0) -> 
 def run_ranks():
     """The `launch_ranks` helper as a fixture (test modules cannot import conftest by name)."""
     return launch_ranks
+
+
+@pytest.fixture
+def tcp_port_factory():
+    """`free_port` as a fixture: call it for each port a test needs."""
+    return free_port

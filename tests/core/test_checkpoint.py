@@ -1,5 +1,6 @@
-"""Checkpoints: kill + resume equals an uninterrupted run, interrupted saves are ignored, 2 <-> 1 rank
-resharding, warm start with an added table and a changed layer."""
+"""Checkpoints: kill + resume equals an uninterrupted run (dropout included: random generators are part of
+the checkpoint), interrupted saves are ignored, 2 <-> 1 rank resharding, warm start with an added table and
+a changed layer."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _job(save_dir: str, steps: int, kill_at: int | None) -> dict:
     from tml.core.train_loop import LoopOptions, train
 
     env = init_distributed("gloo", "cpu")
-    sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING)
+    # Dropout: the resumed run must continue the random stream exactly, not only the weights.
+    sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING, dropout=0.3)
     stream = tiny.RankStream(env, 1000)
     ckpt, loop = tiny.checkpointer(save_dir, env, sharded, optimizer, scheduler, 3, stream)
     ckpt.restore_latest()

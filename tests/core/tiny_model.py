@@ -15,8 +15,11 @@ DENSE_WIDTH, DIM, TASKS = 5, 4, 2
 TABLES = {"a": 40, "b": 24, "c": 16}
 
 
-def make_model(tables=("a", "b"), hidden: int = 8, seed: int = 0, rows: dict | None = None) -> nn.Module:
-    """Build the tiny model on CPU with seeded weights (same on every rank)."""
+def make_model(
+    tables=("a", "b"), hidden: int = 8, seed: int = 0, rows: dict | None = None, dropout: float = 0.0
+) -> nn.Module:
+    """Build the tiny model on CPU with seeded weights (same on every rank); `dropout` after the hidden layer
+    (0: none, so the model is deterministic)."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
     torch.manual_seed(seed)
@@ -25,16 +28,17 @@ def make_model(tables=("a", "b"), hidden: int = 8, seed: int = 0, rows: dict | N
         EmbeddingBagConfig(name=t, embedding_dim=DIM, num_embeddings=rows[t], feature_names=[f"f_{t}"])
         for t in tables
     ]
-    return TinyModel(EmbeddingBagCollection(tables=configs), len(tables), hidden)
+    return TinyModel(EmbeddingBagCollection(tables=configs), len(tables), hidden, dropout)
 
 
 class TinyModel(nn.Module):
-    def __init__(self, ebc: nn.Module, num_tables: int, hidden: int) -> None:
+    def __init__(self, ebc: nn.Module, num_tables: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.ebc = ebc
-        self.mlp = nn.Sequential(
-            nn.Linear(DENSE_WIDTH + DIM * num_tables, hidden), nn.ReLU(), nn.Linear(hidden, TASKS)
-        )
+        hidden_layers = [nn.Linear(DENSE_WIDTH + DIM * num_tables, hidden), nn.ReLU()]
+        if dropout:
+            hidden_layers.append(nn.Dropout(dropout))
+        self.mlp = nn.Sequential(*hidden_layers, nn.Linear(hidden, TASKS))
 
     def forward(self, batch: RecapBatch):
         pooled = self.ebc(batch.sparse).values()
@@ -94,7 +98,16 @@ def slice_batch(batch: RecapBatch, start: int, stop: int) -> RecapBatch:
     )
 
 
-def build_training(env, tables=("a", "b"), shardings=None, hidden: int = 8, lr: float = 0.05, accumulation=1):
+def build_training(
+    env,
+    tables=("a", "b"),
+    shardings=None,
+    hidden: int = 8,
+    lr: float = 0.05,
+    accumulation=1,
+    dropout=0.0,
+    table_optimizers: dict | None = None,
+):
     """Shard the tiny model and build its Adam dense optimizer: (sharded, optimizer, scheduler)."""
     from tml.core.sharding import shard_model
     from tml.optimizers.build import build_optimizer, embedding_optimizer
@@ -105,7 +118,8 @@ def build_training(env, tables=("a", "b"), shardings=None, hidden: int = 8, lr: 
         "b": EmbeddingOptimizerConfig(sgd={"learning_rate": 0.1}),
         "c": EmbeddingOptimizerConfig(adagrad={"learning_rate": 0.1}),
     }
-    model = make_model(tables, hidden=hidden)
+    model = make_model(tables, hidden=hidden, dropout=dropout)
+    table_opt.update({t: EmbeddingOptimizerConfig(**c) for t, c in (table_optimizers or {}).items()})
     specs = {t: embedding_optimizer(table_opt[t]) for t in tables}
     sharded = shard_model(model, env, shardings, specs, gradient_accumulation=accumulation)
     config = OptimizerConfig(

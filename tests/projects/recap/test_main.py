@@ -21,7 +21,7 @@ TINY = [
 ]
 
 
-def recap(tmp_path, *args, nproc=1):
+def recap(tmp_path, *args, nproc=1, ok=True):
     env = {**os.environ, "TML_DATA": str(tmp_path / "data"), "TML_RUNS": str(tmp_path / "runs")}
     prefix = [sys.executable, "-m", "tml.projects.home.recap.main"]
     if nproc > 1:
@@ -34,7 +34,7 @@ def recap(tmp_path, *args, nproc=1):
             "tml.projects.home.recap.main",
         ]
     done = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
     return done.stdout + done.stderr
 
 
@@ -62,8 +62,13 @@ def test_recap_modes_end_to_end(tmp_path):
     assert "resumed from step 6" in out
     assert [r["step"] for r in metrics(tmp_path) if "train/loss" in r][-1] == 8
 
+    # evaluate and predict only read the run: they neither remove a save in progress nor add files there.
+    (run / "checkpoints" / ".tmp-step-99").mkdir()
+    checkpoints_before = sorted(p.name for p in (run / "checkpoints").iterdir())
     out = recap(tmp_path, "evaluate", "--config", LOCAL, *TINY)
     assert "eval/valid:" in out and "recap.engagement.is_replied" in out and "auroc" in out
+    evaluation = json.loads((run / "evaluate" / "step-8.json").read_text())
+    assert evaluation["step"] == 8 and "eval/valid/recap.engagement.is_replied/auroc" in evaluation
 
     preds = tmp_path / "preds"
     recap(
@@ -94,6 +99,61 @@ def test_recap_modes_end_to_end(tmp_path):
         + 10.0 * p["is_good_clicked_convo_desc_v2"]
     )
     assert abs(table.column("score").to_numpy() - expected).max() < 1e-5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints_before
+    out = recap(
+        tmp_path,
+        "predict",
+        "--config",
+        LOCAL,
+        "--input",
+        str(data / "valid"),
+        "--output",
+        str(preds),
+        ok=False,
+    )
+    assert "already holds 1 part file(s)" in out and "--overwrite" in out
+
+    # Two ranks, uneven shares (3 files of 150 rows, batches of 64: 5 batches on one rank, 3 on the other).
+    valid_files = sorted((data / "valid").glob("*.parquet"))[:3]
+    recap(
+        tmp_path,
+        "predict",
+        "--config",
+        LOCAL,
+        *TINY,
+        "prediction.batch_size=64",
+        "--input",
+        str(data / "valid" / "part-0000[012].parquet"),
+        "--output",
+        str(tmp_path / "preds2"),
+        nproc=2,
+    )
+    parts = [pq.read_table(tmp_path / "preds2" / f"part-0000{r}.parquet") for r in (0, 1)]
+    assert parts[0].num_rows != parts[1].num_rows
+    assert sum(p.num_rows for p in parts) == sum(pq.ParquetFile(f).metadata.num_rows for f in valid_files)
+
+    # Resuming with another global batch size is exact by rows and says so; a changed model is refused
+    # before anything in the run folder is touched.
+    out = recap(
+        tmp_path,
+        "train",
+        "--config",
+        LOCAL,
+        *TINY,
+        "training.num_train_steps=10",
+        "train_data.global_batch_size=32",
+    )
+    assert "resumed from step 8" in out and "global_batch_size 64 -> 32" in out
+    saved_config = (run / "config.yaml").read_text()
+    pos_weight = "model.tasks.recap.engagement.is_favorited.pos_weight=2.0"
+    out = recap(
+        tmp_path, "train", "--config", LOCAL, *TINY, "training.num_train_steps=12", pos_weight, ok=False
+    )
+    assert (
+        "was trained with a different model (model.tasks.recap.engagement.is_favorited.pos_weight: 1.0 -> 2.0)"
+        in out
+    )
+    assert "initial_checkpoint_dir" in out and (run / "config.yaml").read_text() == saved_config
 
     # Two processes under torchrun (gloo): the embedding table is sharded, the rest data-parallel.
     recap(
