@@ -4,7 +4,7 @@ Example:
     parser.add_argument(...)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    with user_errors_as_one_line("tml-recap", args.debug):
+    with user_errors_as_one_line("tml-<project>", args.debug):
         run(args)
 """
 

@@ -8,7 +8,7 @@ follow docs/design.md (`probabilities`, `labels`, `weights`: [B, T]).
 
 Example:
     results = evaluate(sharded.module, val_batches, metrics, num_steps=None, env=env)
-    # {"auroc/recap.engagement.is_favorited": 0.71, ...}, already reduced across ranks
+    # {"<task>/auroc": 0.71, ...}, already reduced across ranks
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Link-prediction metrics (TwHIN): mean reciprocal rank and Hits@K of a positive among its negatives.
+"""Link-prediction metrics (graph embeddings): mean reciprocal rank and Hits@K of a positive among its negatives.
 
 Shapes: B = positive edges, K = negatives per positive.
 

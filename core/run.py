@@ -10,7 +10,7 @@ Example:
     env = start(config.training)
     sharded = build_sharded(config, env)
     optimizer, scheduler = build_optimizer(...)
-    fit(TrainJob(config, config.training, sharded, optimizer, scheduler, dataset, RecapBatch, evaluate), env)
+    fit(TrainJob(config, config.training, sharded, optimizer, scheduler, dataset, MyBatch, evaluate), env)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ streams), which is how the CPU tests cover the GPU path.
 Example:
     state = LoopState()
     result = train(sharded.module, [optimizer, *sharded.table_optimizers.values()], scheduler, batches,
-                   env, LoopOptions(num_train_steps=1000, batch_type=RecapBatch), metric_logger,
+                   env, LoopOptions(num_train_steps=1000, batch_type=MyBatch), metric_logger,
                    checkpointer, evaluate, state)
 """
 

@@ -37,3 +37,20 @@ def test_shared_packages_do_not_import_projects(package):
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith("tml.projects")]
     assert offenders == []
+
+
+# Words that belong to one project: its batch, its features, its names. core/ serves every project.
+PROJECT_WORDS = ("RecapBatch", "EdgeBatch", "recap", "twhin", "segdense", "discrete", "continuous")
+
+
+def test_core_names_no_project():
+    offenders = []
+    for path in (ROOT / "core").rglob("*.py"):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tml.reader"):
+                offenders.append(f"{path.relative_to(ROOT)}: imports {node.module}")
+        for number, line in enumerate(text.splitlines(), start=1):
+            found = [word for word in PROJECT_WORDS if word.lower() in line.lower()]
+            offenders += [f"{path.relative_to(ROOT)}:{number}: {word!r}" for word in found]
+    assert offenders == []

@@ -198,7 +198,7 @@ def apply_overrides(
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{override}': value is not valid YAML: {err}") from None
         parts = path.split(".")
-        # Task names contain dots (`recap.engagement.is_favorited`): match the longest existing dict key.
+        # Dict keys may contain dots (task names such as `engagement.is_favorited`): match the longest existing dict key.
         node, annotation, i = data, model, 0
         walked: list[str] = []
         while i < len(parts):
@@ -291,13 +291,13 @@ def load_config(
     """Read, substitute, override and validate a config file.
 
     Args:
-        model: the root config class (e.g. RecapConfig).
+        model: the root config class of a project.
         path: a local path or fsspec URL of a YAML file.
         overrides: `dotted.key=value` strings applied after substitution, values parsed as YAML.
         env: variables for `${VAR}` (default: the process environment).
 
     Example:
-        config = load_config(RecapConfig, "local.yaml", ["training.num_train_steps=100"])
+        config = load_config(ProjectConfig, "local.yaml", ["training.num_train_steps=100"])
     """
     text = substitute_env(read_text(path), path, env)
     data = parse_yaml(text, path)

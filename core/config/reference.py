@@ -5,7 +5,7 @@ Each key gets its dotted name, type, default and description. Keys of a mapping 
 section's "exactly one of" / "at most one of" groups are stated on the section's row.
 
 Example:
-    text = render_reference([("tml-recap", RecapConfig)], "python -m tml.projects.config_reference")
+    text = render_reference([("tml-<project>", ProjectConfig)], "python -m <regenerating command>")
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def render_reference(roots: Sequence[tuple[str, type[pydantic.BaseModel]]], comm
     """The reference of every root model (name, class), one table per top-level section.
 
     Args:
-        roots: (title, root model) per config tree, e.g. ("tml-recap", RecapConfig).
+        roots: (title, root model) per config tree, e.g. ("tml-<project>", ProjectConfig).
         command: the command that regenerates the file, named in its header.
     """
     out = [

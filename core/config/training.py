@@ -3,7 +3,7 @@ per-table sharding section that projects put next to their embedding tables.
 
 Example:
     training:
-      save_dir: runs/recap
+      save_dir: runs/experiment_1
       num_train_steps: 10000
       checkpoint_every_n: 1000
       eval_every_n: 1000

@@ -7,9 +7,10 @@ import torch
 from tml.core.config.loader import ConfigError
 from tml.core.distributed import DistEnv
 from tml.core.metrics import RankingMetrics
-from tml.core.sharding import ShardedModel, load_full_table, shard_model
+from tml.core.sharding import ShardedModel, shard_model
+from tml.core.tables import load_full_table
 from tml.ml_logging.log import get_logger
-from tml.optimizers.build import build_optimizer
+from tml.optimizers.build import build_optimizer, embedding_optimizer
 from tml.optimizers.config import LearningRate, OptimizerConfig
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.model import RecapTrainModule, build_model, parameter_groups
@@ -25,8 +26,9 @@ def task_names(config: RecapConfig) -> list[str]:
     return list(config.model.tasks)
 
 
-def build_train_module(config: RecapConfig) -> RecapTrainModule:
-    """The unsharded train module on CPU (weights are placed by `build_sharded`)."""
+def build_train_module(config: RecapConfig, embedding_device: str = "cpu") -> RecapTrainModule:
+    """The unsharded train module on CPU; large tables on `embedding_device` ("meta": allocated later, one
+    rank's shards at a time, by `build_sharded`)."""
     data = config.train_data
     downsampling = {
         task: (rates.pos_downsampling_rate, rates.neg_downsampling_rate) for task, rates in data.tasks.items()
@@ -36,13 +38,18 @@ def build_train_module(config: RecapConfig) -> RecapTrainModule:
         dense_widths(data),
         [feature.name for feature in data.sparse_features],
         downsampling,
+        embedding_device=embedding_device,
     )
     return RecapTrainModule(model)
 
 
 def build_sharded(config: RecapConfig, env: DistEnv) -> ShardedModel:
-    """Build, shard (TorchRec DMP for embedding tables, DDP otherwise) and load pretrained tables."""
-    module = build_train_module(config)
+    """Build, shard (TorchRec DMP for embedding tables, DDP otherwise) and load pretrained tables.
+
+    Tables are created on the meta device and materialised by the sharder, each rank allocating only its
+    shards; a pretrained file is read once per rank, after sharding.
+    """
+    module = build_train_module(config, embedding_device="meta")
     large = config.model.large_embeddings
     if large is None:
         return shard_model(module, env, None, {})
@@ -51,7 +58,17 @@ def build_sharded(config: RecapConfig, env: DistEnv) -> ShardedModel:
         for t in large.tables
         if t.sharding is not None
     }
-    sharded = shard_model(module, env, shardings, {t.name: large.optimizer for t in large.tables})
+    optimizers = {t.name: embedding_optimizer(large.optimizer) for t in large.tables}
+    batch_size = config.train_data.global_batch_size // env.world_size
+    sharded = shard_model(
+        module,
+        env,
+        shardings,
+        optimizers,
+        seed=config.training.seed,
+        batch_size=batch_size,
+        gradient_accumulation=config.training.gradient_accumulation,
+    )
     for table in large.tables:
         if table.pretrained is not None:
             rows = read_pretrained(
