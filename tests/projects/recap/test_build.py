@@ -30,7 +30,7 @@ def test_share_none_towers_only_trains_every_parameter_with_its_tower_schedule()
     names = [group["name"] for group in optimizer.param_groups]
     assert names == ["recap.engagement.is_favorited", "recap.engagement.is_replied"]
     scheduler.step()  # step 1 of each tower's 50-step ramp
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.003 / 50, 0.001 / 50])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 / 50, 0.005 / 50])
 
 
 def test_a_backbone_schedule_without_backbone_parameters_is_rejected():
