@@ -1,8 +1,9 @@
 """`build_model`: turn a validated ModelConfig plus the data's tensor widths into a RecapModel.
 
-Checks that need widths happen here, with errors naming the config key: the `continuous` /
-appended / vector tensors exist, `discrete` indices (small tables, position, stratifiers) lie within its
-width, DLRM has embedding vectors of the bottom MLP's width, every tower ends in one output.
+Checks that need widths happen here, with errors naming the config key (ConfigError, which the CLI reports as
+one line): the `continuous` / appended / vector tensors exist, `discrete` indices (small tables, position,
+stratifiers) lie within its width, DLRM has embedding vectors of the bottom MLP's width, every tower ends in
+one output.
 
 Example:
     model = build_model(config, dense_widths={"continuous": 2117, "binary": 59},
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from tml.core.config.base import which_one
+from tml.core.config.loader import ConfigError
 from tml.projects.home.recap.config.model import (
     FEATURE_SPEC,
     FeaturizationConfig,
@@ -84,9 +86,9 @@ def build_architecture(
     dims = vector_dims or []
     bottom = arch.bottom_mlp.layer_sizes[-1]
     if not dims:
-        raise ValueError(f"{key}.dlrm_config needs embedding vectors: configure small or large embeddings")
+        raise ConfigError(f"{key}.dlrm_config needs embedding vectors: configure small or large embeddings")
     if any(d != bottom for d in dims):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.dlrm_config: bottom_mlp.layer_sizes[-1]={bottom} must equal every embedding dim, "
             f"got embedding dims {dims}"
         )
@@ -102,7 +104,7 @@ def build_architecture(
 
 def _width(dense_widths: dict[str, int], name: str, key: str) -> int:
     if name not in dense_widths:
-        raise ValueError(f"{key}: dense tensor {name!r} is not in the data (have: {sorted(dense_widths)})")
+        raise ConfigError(f"{key}: dense tensor {name!r} is not in the data (have: {sorted(dense_widths)})")
     return dense_widths[name]
 
 
@@ -121,7 +123,7 @@ def build_featurizer(config: FeaturizationConfig, dense_widths: dict[str, int]) 
     elif kind == "z_score_log_config":
         stats = load_stats(option.analysis_path)
         if stats.width != width:
-            raise ValueError(
+            raise ConfigError(
                 f"{option.analysis_path} (z_score_log_config.analysis_path): stats for {stats.width} "
                 f"features, but `continuous` has {width}"
             )
@@ -139,7 +141,7 @@ def build_featurizer(config: FeaturizationConfig, dense_widths: dict[str, int]) 
 def _check_discrete(dense_widths: dict[str, int], index: int, key: str) -> None:
     width = _width(dense_widths, "discrete", key)
     if not 0 <= index < width:
-        raise ValueError(f"{key}={index} is outside the `discrete` tensor (width {width})")
+        raise ConfigError(f"{key}={index} is outside the `discrete` tensor (width {width})")
 
 
 def _split_groups(config: ModelConfig, layout: list[tuple[str, int]]) -> list[TowerGroup]:
@@ -153,15 +155,15 @@ def _split_groups(config: ModelConfig, layout: list[tuple[str, int]]) -> list[To
             name = match["name"]
             key = f"model.split_towers.groups.{group_name}.features"
             if name not in widths:
-                raise ValueError(f"{key}: unknown feature {name!r} (known segments: {list(widths)})")
+                raise ConfigError(f"{key}: unknown feature {name!r} (known segments: {list(widths)})")
             start = int(match["start"]) if match["start"] is not None else 0
             stop = int(match["stop"]) if match["stop"] is not None else widths[name]
             if stop > widths[name]:
-                raise ValueError(f"{key}: {spec!r} goes past the width {widths[name]} of {name!r}")
+                raise ConfigError(f"{key}: {spec!r} goes past the width {widths[name]} of {name!r}")
             for col in range(start, stop):
                 other = owner.setdefault((name, col), group_name)
                 if other != group_name:
-                    raise ValueError(f"{key}: column {col} of {name!r} is also in group {other!r}")
+                    raise ConfigError(f"{key}: column {col} of {name!r} is also in group {other!r}")
             pieces.append((name, start, stop))
         groups.append(TowerGroup(group_name, pieces, list(group.layer_sizes)))
     return groups
@@ -188,15 +190,15 @@ def build_model(
     """
     tasks = list(config.tasks)
     if len({sanitize(t) for t in tasks}) != len(tasks):
-        raise ValueError(f"model.tasks: names collide once dots become '__': {tasks}")
+        raise ConfigError(f"model.tasks: names collide once dots become '__': {tasks}")
     unknown = sorted(set(task_downsampling) - set(tasks))
     if unknown:
-        raise ValueError(f"downsampling rates given for unknown tasks {unknown}; model.tasks: {tasks}")
+        raise ConfigError(f"downsampling rates given for unknown tasks {unknown}; model.tasks: {tasks}")
     odds = []
     for task in tasks:
         pos_rate, neg_rate = task_downsampling.get(task, (1.0, 1.0))
         if not (0 < pos_rate <= 1 and 0 < neg_rate <= 1):
-            raise ValueError(
+            raise ConfigError(
                 f"task {task!r}: downsampling rates must be in (0, 1], got {(pos_rate, neg_rate)}"
             )
         # Downsampling multiplied the training odds by pos_rate / neg_rate and BCE with pos_weight w
@@ -236,7 +238,7 @@ def build_model(
         for t in config.large_embeddings.tables:
             missing = [f for f in t.features if f not in sparse_feature_names]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"model.large_embeddings table {t.name!r}: sparse features {missing} are not in the data "
                     f"(have: {sorted(sparse_feature_names)})"
                 )
@@ -258,7 +260,7 @@ def build_model(
     names = [n for n, _ in layout]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"model: feature names {duplicates} are used twice (tensors, tables or features)")
+        raise ConfigError(f"model: feature names {duplicates} are used twice (tensors, tables or features)")
 
     split = None
     width = sum(w for _, w in layout)
@@ -279,7 +281,7 @@ def build_model(
         key = f"model.tasks.{task}"
         tower = build_architecture(task_config, tower_in, key, vector_dims)
         if tower.out_features != 1:
-            raise ValueError(f"{key}: a tower must end in 1 output (its logit), got {tower.out_features}")
+            raise ConfigError(f"{key}: a tower must end in 1 output (its logit), got {tower.out_features}")
         towers[task] = tower
     maps = [config.tasks[t].affine_map for t in tasks]
     return RecapModel(
