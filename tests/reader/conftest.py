@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import types
 
 import numpy as np
@@ -81,3 +82,16 @@ def rd():
         make_table=make_table, write=write, base_config=base_config, all_ids=all_ids,
         CONTINUOUS=CONTINUOUS, BINARY=BINARY,
     )  # fmt: skip
+
+
+@pytest.fixture
+def reader_log(caplog):
+    """caplog of the `tml.reader` loggers at INFO, also after `setup_logging` stopped `tml` propagating."""
+    logger = logging.getLogger("tml.reader")
+    saved = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # caplog's root handler would record everything twice
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.level, logger.propagate = saved

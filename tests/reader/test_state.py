@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -76,7 +74,7 @@ def test_state_dict_of_trained_batches_not_prefetched_ones(files, rd):
         resumed.state_dict(len(full) + 1)
 
 
-def test_changed_global_batch_size_resumes_exactly_by_rows(files, rd, caplog):
+def test_changed_global_batch_size_resumes_exactly_by_rows(files, rd, reader_log):
     for world_size in (1, 2):
         for rank in range(world_size):
             small = _config(rd, files)
@@ -84,16 +82,15 @@ def test_changed_global_batch_size_resumes_exactly_by_rows(files, rd, caplog):
             full = np.concatenate(_ids(reference))
             large = _config(rd, files, global_batch_size=8 * world_size)
             dataset = build_dataset(large, ["click"], rank=rank, world_size=world_size)
-            with caplog.at_level(logging.INFO, logger="tml.reader"):
-                dataset.load_state_dict(reference.state_dict(5))
-            assert "global_batch_size 6 -> " in caplog.text and "exact by rows" in caplog.text
+            dataset.load_state_dict(reference.state_dict(5))
+            assert "global_batch_size 6 -> " in reader_log.text and "exact by rows" in reader_log.text
             batches = _ids(dataset)
             assert all(len(b) <= 8 for b in batches)
             np.testing.assert_array_equal(np.concatenate(batches), full[5 * 6 // world_size :])
 
 
 @pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (2, 3)])
-def test_changed_world_size_replans_the_epoch_and_later_epochs_are_exact(files, rd, caplog, old, new):
+def test_changed_world_size_replans_the_epoch_and_later_epochs_are_exact(files, rd, reader_log, old, new):
     config = _config(rd, files, global_batch_size=12)
     saved = [build_dataset(config, ["click"], rank=r, world_size=old) for r in range(old)]
     for dataset in saved:
@@ -107,11 +104,10 @@ def test_changed_world_size_replans_the_epoch_and_later_epochs_are_exact(files, 
             fresh = build_dataset(config, ["click"], rank=rank, world_size=new)
             epochs = _epochs(fresh, _ids(fresh))
             dataset = build_dataset(config, ["click"], rank=rank, world_size=new)
-            caplog.clear()
-            with caplog.at_level(logging.INFO, logger="tml.reader"):
-                dataset.load_state_dict(states[0], all_states=all_states)
-            assert f"world size {old} -> {new}: epoch 0 is re-dealt over {new} ranks" in caplog.text
-            assert "later epochs are exact" in caplog.text
+            reader_log.clear()
+            dataset.load_state_dict(states[0], all_states=all_states)
+            assert f"world size {old} -> {new}: epoch 0 is re-dealt over {new} ranks" in reader_log.text
+            assert "later epochs are exact" in reader_log.text
             stream = np.concatenate(_ids(dataset))
             rest = np.concatenate(epochs[1:])
             # The resumed epoch: this rank's new share from the re-planned row; then the later epochs.
@@ -122,7 +118,7 @@ def test_changed_world_size_replans_the_epoch_and_later_epochs_are_exact(files, 
         assert sum(resumed_rows) == 72 - n * 12  # as many rows of the epoch left as before the change
 
 
-def test_all_states_count_the_rows_of_old_ranks_already_past_the_epoch(files, rd, caplog):
+def test_all_states_count_the_rows_of_old_ranks_already_past_the_epoch(files, rd, reader_log):
     config = _config(rd, files, global_batch_size=4)  # 2 old ranks x 2 rows
     old = [build_dataset(config, ["click"], rank=r, world_size=2) for r in range(2)]
     in_epoch0 = [dataset.plan_epoch(0).num_batches(2) for dataset in old]
@@ -138,10 +134,9 @@ def test_all_states_count_the_rows_of_old_ranks_already_past_the_epoch(files, rd
     else:  # rank 0 is in epoch 0 after n batches, rank 1 has read all of its share of epoch 0
         read = 2 * n + old[1].plan_epoch(0).num_rows
     dataset = build_dataset(config, ["click"], rank=0, world_size=1)
-    with caplog.at_level(logging.INFO, logger="tml.reader"):
-        dataset.load_state_dict(states[0], all_states=states)
+    dataset.load_state_dict(states[0], all_states=states)
     assert dataset.state_dict()["position"] == {"batches": n, "epoch": epoch, "row": read}
-    assert f"the 2 old ranks had read {read} rows of it" in caplog.text
+    assert f"the 2 old ranks had read {read} rows of it" in reader_log.text
 
 
 def test_all_states_must_be_every_old_rank_in_order(files, rd):
@@ -172,7 +167,7 @@ def test_changed_inputs_are_refused_naming_the_files(files, rd, tmp_path):
         build_dataset(_config(rd, files), ["click"]).load_state_dict(state)
 
 
-def test_moved_inputs_resume_and_say_so(files, rd, tmp_path, caplog):
+def test_moved_inputs_resume_and_say_so(files, rd, tmp_path, reader_log):
     reference = build_dataset(_config(rd, files), ["click"])
     full = _ids(reference)
     moved = tmp_path / "moved"
@@ -180,9 +175,8 @@ def test_moved_inputs_resume_and_say_so(files, rd, tmp_path, caplog):
     for name in "abcd":
         (moved / f"{name}.parquet").write_bytes((files / f"{name}.parquet").read_bytes())
     dataset = build_dataset(_config(rd, moved), ["click"])
-    with caplog.at_level(logging.INFO, logger="tml.reader"):
-        dataset.load_state_dict(reference.state_dict(4))
-    assert f"inputs moved from {files} to {moved}" in caplog.text
+    dataset.load_state_dict(reference.state_dict(4))
+    assert f"inputs moved from {files} to {moved}" in reader_log.text
     assert all(np.array_equal(a, b) for a, b in zip(_ids(dataset), full[4:], strict=True))
 
 
@@ -214,16 +208,15 @@ def test_rank_mismatch_at_the_same_world_size_is_refused(files, rd):
         build_dataset(_config(rd, files), ["click"], rank=1, world_size=2).load_state_dict(state)
 
 
-def test_changed_num_epochs_inside_or_refused(files, rd, caplog):
+def test_changed_num_epochs_inside_or_refused(files, rd, reader_log):
     reference = build_dataset(_config(rd, files), ["click"])
     full = _ids(reference)
     per_epoch = reference.plan_epoch(0).num_batches(6)  # 12
     state = reference.state_dict(per_epoch + 2)  # epoch 1
     for num_epochs, left in ((2, per_epoch - 2), (None, None)):
         dataset = build_dataset(_config(rd, files, num_epochs=num_epochs), ["click"])
-        with caplog.at_level(logging.INFO, logger="tml.reader"):
-            dataset.load_state_dict(state)
-        assert f"num_epochs 3 -> {num_epochs}: the position (epoch 1, row 12) is inside" in caplog.text
+        dataset.load_state_dict(state)
+        assert f"num_epochs 3 -> {num_epochs}: the position (epoch 1, row 12) is inside" in reader_log.text
         tail = _ids(dataset, limit=None if left else 2 * per_epoch)
         assert np.array_equal(
             np.concatenate(tail[: per_epoch - 2]), np.concatenate(full[per_epoch + 2 : 2 * per_epoch])
@@ -252,19 +245,18 @@ def test_old_and_malformed_states_are_refused(files, rd):
         dataset.load_state_dict(state)
 
 
-def test_plan_summary_shows_mixed_folders_on_rank_0(tmp_path, rd, caplog):
+def test_plan_summary_shows_mixed_folders_on_rank_0(tmp_path, rd, reader_log):
     for split, count in (("train", 2), ("valid", 1)):
         (tmp_path / split).mkdir()
         for index in range(count):
             rd.write(tmp_path / split / f"part-{index}.parquet", 10, 100 * index)
     (tmp_path / "train" / "_SUCCESS").write_text("")
     config = rd.base_config(str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="tml.reader"):
-        build_dataset(config, ["click"], rank=1, world_size=2)
-        assert "3 files" not in caplog.text
-        dataset = build_dataset(config, ["click"], rank=0, world_size=2)
+    build_dataset(config, ["click"], rank=1, world_size=2)
+    assert "3 files" not in reader_log.text
+    dataset = build_dataset(config, ["click"], rank=0, world_size=2)
     summary = dataset.plan_summary()
-    assert summary in caplog.text
+    assert summary in reader_log.text
     assert f"3 files, 30 rows in 3 row groups under {tmp_path}" in summary
     assert "train/part-0.parquet, train/part-1.parquet, valid/part-0.parquet" in summary
     assert (
@@ -277,7 +269,6 @@ def test_plan_summary_shows_mixed_folders_on_rank_0(tmp_path, rd, caplog):
         pq.write_table(table, many / f"p{index}.parquet")
     names = build_dataset(rd.base_config(str(many)), ["click"]).plan_summary()
     assert "(p0.parquet, p1.parquet, p2.parquet, ..., p7.parquet, p8.parquet)" in names
-    assert pa  # pyarrow is imported for the table helpers above
 
 
 def test_rewritten_row_groups_with_the_same_rows_count_as_a_change():
