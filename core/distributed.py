@@ -107,6 +107,9 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if local_world < 1 or world % local_world:
         raise ValueError(f"LOCAL_WORLD_SIZE={local_world} does not divide the world size {world}")
+    # torchrec reads the ranks per host itself (its sharded tables' state and process groups); without
+    # torchrun (one process, or a launcher that sets only RANK/WORLD_SIZE) tell it what was assumed here.
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world))
     env = DistEnv(
         dist.get_rank(),
         world,

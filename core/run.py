@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from tml.core.checkpoint import Checkpointer, complete_steps, model_differences, warm_start
+from tml.core.checkpoint import Checkpointer, Preempted, complete_steps, model_differences, warm_start
 from tml.core.config.loader import ConfigError, save_config
 from tml.core.config.training import TrainingConfig
 from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, seed_ranks
@@ -39,9 +39,12 @@ from tml.core.state import (
     RngState,
     SchedulerState,
 )
+from tml.core.third_party import quiet_known_warnings
 from tml.core.train_loop import LoopOptions, TrainResult, train
+from tml.ml_logging.hparams import log_hparams
 from tml.ml_logging.log import get_logger, setup_logging
 from tml.ml_logging.metrics import MetricLogger
+from tml.ml_logging.run_folder import final_metrics
 
 logger = get_logger(__name__)
 
@@ -53,6 +56,7 @@ class ResumeError(ConfigError):
 def start(training: TrainingConfig) -> DistEnv:
     """Join the process group, set up logging and CPU threads, seed torch (the same on every rank, so
     every rank builds the same initial weights)."""
+    quiet_known_warnings()
     env = init_distributed(training.backend, training.device, training.collective_timeout_s)
     setup_logging(env.rank)
     threads = configure_cpu_threads(training.num_threads)
@@ -181,6 +185,7 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         seed_ranks(t.seed, env)
     if env.is_main:
         save_config(job.config, os.path.join(t.save_dir, "config.yaml"))
+        log_hparams(t.save_dir, job.config, {}, step=loop.step, status="running")
     checkpointer.install_signal_handlers()
     metric_logger = MetricLogger(t.save_dir, env.rank)
     evaluate = None
@@ -200,6 +205,7 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         batch_type=job.batch_type,
     )
     optimizers = [job.optimizer, *job.sharded.table_optimizers.values()]
+    status = "failure"
     try:
         result = train(
             job.sharded.module,
@@ -213,7 +219,14 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
             evaluate,
             loop,
         )
+        status = "success"
+    except Preempted:
+        status = "running"  # stopped by a signal after its checkpoint: the run continues when restarted
+        raise
     finally:
         metric_logger.close()
+        if env.is_main:
+            # The dashboard's row for this run: its config and final metrics, or how it ended.
+            log_hparams(t.save_dir, job.config, final_metrics(t.save_dir), step=loop.step, status=status)
     logger.info("training done at step %d; checkpoints in %s", result.step, checkpointer.dir)
     return result

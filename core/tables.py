@@ -29,24 +29,24 @@ from tml.core.distributed import hash_seed
 INIT_BLOCK_ROWS = 1 << 16
 
 
-def local_pieces(tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(row offset, column offset, local tensor) of each piece of `tensor` this rank holds (views)."""
+def local_pieces(tensor) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+    """(offsets, local tensor) of each piece of `tensor` this rank holds (views; offsets per dimension)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, ShardedTensor):
         for shard in tensor.local_shards():
-            row, col = shard.metadata.shard_offsets
-            yield row, col, shard.tensor
+            yield tuple(shard.metadata.shard_offsets), shard.tensor
     elif isinstance(tensor, DTensor):
         local = tensor.to_local()
-        if hasattr(local, "local_shards"):  # torchrec's LocalShardsWrapper: several rectangles
-            for piece, (row, col) in zip(local.local_shards(), local.local_offsets(), strict=True):
-                yield row, col, piece
+        if hasattr(local, "local_shards"):  # torchrec's LocalShardsWrapper: several rectangles, or none
+            shards = local.local_shards()
+            for piece, offsets in zip(shards, local.local_offsets()[: len(shards)], strict=True):
+                yield tuple(offsets), piece
         elif local.numel():
             raise NotImplementedError("a DTensor table without LocalShardsWrapper shards")
     else:
-        yield 0, 0, tensor
+        yield (0,) * tensor.dim(), tensor
 
 
 def _is_distributed(tensor) -> bool:
@@ -83,7 +83,7 @@ def init_tables(module: nn.Module, inits: dict[str, Callable[[torch.Tensor], Non
     for table, init in inits.items():
         weight = state[table_state_key(module, table)]
         rows, dim = weight.shape
-        for row, col, piece in local_pieces(weight):
+        for (row, col), piece in local_pieces(weight):
             if piece.device.type == "meta" or not piece.numel():
                 continue
             first, last = row, row + piece.shape[0]
@@ -106,7 +106,7 @@ def load_full_table(module: nn.Module, table: str, weight: torch.Tensor) -> None
     target = module.state_dict()[table_state_key(module, table)]
     if tuple(target.shape) != tuple(weight.shape):
         raise ValueError(f"table '{table}' has shape {tuple(target.shape)}, got {tuple(weight.shape)}")
-    for row, col, piece in local_pieces(target):
+    for (row, col), piece in local_pieces(target):
         rows, cols = piece.shape
         part = torch.as_tensor(weight[row : row + rows, col : col + cols])
         piece.copy_(part.to(piece.dtype))
@@ -123,7 +123,7 @@ def gather_full_table(module: nn.Module, table: str) -> torch.Tensor:
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     full = torch.zeros(tuple(source.shape), dtype=source.dtype, device=device)
-    for row, col, piece in pieces:
+    for (row, col), piece in pieces:
         rows, cols = piece.shape
         full[row : row + rows, col : col + cols] = piece.to(device)
     # Shards do not overlap, so a sum assembles the whole table on every rank.

@@ -25,6 +25,8 @@ ADAM_C = {"c": {"adam": {"learning_rate": 0.1}}}
 
 def _tensor_kinds(sharded, optimizer) -> dict[str, tuple[str, torch.dtype]]:
     """(device type, dtype) of every optimizer state tensor: dense, table and fused optimizers."""
+    from tml.core.tables import local_pieces
+
     kinds = {}
     optimizers = {"dense": optimizer, **{f"table/{k}": v for k, v in sharded.table_optimizers.items()}}
     for label, opt in optimizers.items():
@@ -35,8 +37,8 @@ def _tensor_kinds(sharded, optimizer) -> dict[str, tuple[str, torch.dtype]]:
     fused = sharded.fused_optimizer.state_dict()["state"]
     for param, state in fused.items():
         for name, value in state.items():
-            local = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
-            kinds[f"fused/{param}/{name}"] = (local.device.type, local.dtype)
+            for _, local in local_pieces(value):
+                kinds[f"fused/{param}/{name}"] = (local.device.type, local.dtype)
     return kinds
 
 
@@ -68,6 +70,7 @@ def _huge_table(env) -> dict:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
     from tml.core.sharding import TableOptimizer, shard_model
+    from tml.core.tables import local_pieces
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
@@ -91,7 +94,7 @@ def _huge_table(env) -> dict:
             memory_bytes=2**42,
         )
         weight = sharded.module.state_dict()["ebc.embedding_bags.t.weight"]
-        shapes[sharding] = (tuple(weight.shape), [s.tensor.device.type for s in weight.local_shards()])
+        shapes[sharding] = (tuple(weight.shape), [piece.device.type for _, piece in local_pieces(weight)])
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     return {"shapes": shapes, "grown_mib": grown_kib / 1024}
 

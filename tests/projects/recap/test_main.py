@@ -4,6 +4,7 @@ predict, summary, compute-stats. Each mode runs as its own process, as users run
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,16 @@ def recap(tmp_path, *args, nproc=1, ok=True):
     return done.stdout + done.stderr
 
 
+# Python warnings ("x.py:3: FutureWarning: ..."), torch's logging ("[rank0]:W1201 ..."), other libraries'
+# loggers ("WARNING:torchrec...:"); torchrun's own note about OMP_NUM_THREADS is the launcher's, not the run's.
+THIRD_PARTY_WARNING = re.compile(r"Warning: |^(\[rank\d+\]:)?[WE]\d{4} |^WARNING:")
+
+
+def third_party_warnings(out: str) -> list[str]:
+    lines = [line for line in out.splitlines() if THIRD_PARTY_WARNING.search(line)]
+    return [line for line in lines if "torch/distributed/run.py" not in line]
+
+
 def metrics(tmp_path, run="local"):
     path = tmp_path / "runs" / run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -49,7 +60,8 @@ def test_recap_modes_end_to_end(tmp_path):
     recap(tmp_path, "generate-data", "--config", LOCAL, "--num-examples", "3000", "--output", str(data))
     assert json.loads((data / "train" / "oracle_auc.json").read_text())
 
-    recap(tmp_path, "train", "--config", LOCAL, *TINY, "training.num_train_steps=6")
+    out = recap(tmp_path, "train", "--config", LOCAL, *TINY, "training.num_train_steps=6")
+    assert third_party_warnings(out) == []
     run = tmp_path / "runs" / "local"
     assert (run / "config.yaml").exists() and list((run / "tensorboard").iterdir())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
@@ -66,6 +78,7 @@ def test_recap_modes_end_to_end(tmp_path):
     (run / "checkpoints" / ".tmp-step-99").mkdir()
     checkpoints_before = sorted(p.name for p in (run / "checkpoints").iterdir())
     out = recap(tmp_path, "evaluate", "--config", LOCAL, *TINY)
+    assert third_party_warnings(out) == []
     assert "eval/valid:" in out and "recap.engagement.is_replied" in out and "auroc" in out
     evaluation = json.loads((run / "evaluate" / "step-8.json").read_text())
     assert evaluation["step"] == 8 and "eval/valid/recap.engagement.is_replied/auroc" in evaluation
@@ -156,7 +169,7 @@ def test_recap_modes_end_to_end(tmp_path):
     assert "initial_checkpoint_dir" in out and (run / "config.yaml").read_text() == saved_config
 
     # Two processes under torchrun (gloo): the embedding table is sharded, the rest data-parallel.
-    recap(
+    out = recap(
         tmp_path,
         "train",
         "--config",
@@ -166,6 +179,7 @@ def test_recap_modes_end_to_end(tmp_path):
         f"training.save_dir={tmp_path}/runs/two",
         nproc=2,
     )
+    assert third_party_warnings(out) == []
     assert [r["step"] for r in metrics(tmp_path, "two") if "train/loss" in r] == [2, 4]
 
 
