@@ -83,6 +83,17 @@ def build_sharded(config: RecapConfig, env: DistEnv) -> ShardedModel:
     return sharded
 
 
+def build_for_inference(config: RecapConfig, checkpoint: str | None) -> tuple[DistEnv, ShardedModel, int]:
+    """Start the process, build the sharded model and load `checkpoint`'s weights (default: save_dir's
+    latest) without a Checkpointer: nothing in the run folder is touched. Returns (env, model, step)."""
+    from tml.core import run
+    from tml.core.checkpoint import load_weights
+
+    env = run.start(config.training)
+    sharded = build_sharded(config, env)
+    return env, sharded, load_weights(sharded.module, checkpoint or config.training.save_dir)
+
+
 def build_recap_optimizer(config: RecapConfig, sharded: ShardedModel):
     """Dense optimizer + LambdaLR: one schedule for the backbone and one per tower, or a single one.
 

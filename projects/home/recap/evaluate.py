@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
+from tml.core.config.loader import ConfigError
 from tml.core.distributed import DistEnv
 from tml.core.eval_loop import evaluate
 from tml.ml_logging.console import eval_tables
+from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.build import build_metrics, build_validation_data
 from tml.projects.home.recap.config import RecapConfig
+
+logger = get_logger(__name__)
 
 
 def validate(config: RecapConfig, module: torch.nn.Module, env: DistEnv, bf16: bool) -> dict[str, float]:
@@ -39,3 +46,23 @@ def validate(config: RecapConfig, module: torch.nn.Module, env: DistEnv, bf16: b
 def print_table(results: dict[str, float]) -> str:
     """One table per partition: a row per task and segment, a column per metric."""
     return eval_tables(results)
+
+
+def evaluate_checkpoint(config: RecapConfig, checkpoint: str | None, output: str | None) -> dict[str, float]:
+    """`tml-recap evaluate`: every partition on a checkpoint; writes `<save_dir>/evaluate/step-N.json` (or
+    `output`) and prints the table on rank 0."""
+    from tml.core.run import use_bf16
+    from tml.projects.home.recap.build import build_for_inference
+
+    if not config.validation_data:
+        raise ConfigError("evaluate: the config has no validation_data partitions to evaluate")
+    env, sharded, step = build_for_inference(config, checkpoint)
+    results = validate(config, sharded.module, env, use_bf16(config.training, env))
+    if env.is_main:
+        path = output or os.path.join(config.training.save_dir, "evaluate", f"step-{step}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"step": step, **results}, f, indent=1)
+        print(print_table(results))
+        logger.info("evaluation of step %d written to %s", step, path)
+    return results

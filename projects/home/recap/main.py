@@ -7,11 +7,9 @@ torchrun --nproc_per_node=2 -m tml.projects.home.recap.main train --config X.yam
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 from tml.core.cli import add_debug_flag, user_errors_as_one_line
-from tml.core.config.loader import ConfigError, load_config
+from tml.core.config.loader import load_config
 from tml.core.distributed import run_distributed
 from tml.ml_logging.log import get_logger, setup_logging
 from tml.projects.home.recap.config import RecapConfig
@@ -44,41 +42,6 @@ def train(config: RecapConfig) -> None:
     run.fit(job, env)
 
 
-def _load(config: RecapConfig, checkpoint: str | None):
-    from tml.core import run
-    from tml.core.checkpoint import load_weights
-    from tml.projects.home.recap import build
-
-    env = run.start(config.training)
-    sharded = build.build_sharded(config, env)
-    step = load_weights(sharded.module, checkpoint or config.training.save_dir)
-    return env, sharded, step
-
-
-def evaluate(config: RecapConfig, checkpoint: str | None, output: str | None) -> None:
-    from tml.core.run import use_bf16
-    from tml.projects.home.recap.evaluate import print_table, validate
-
-    if not config.validation_data:
-        raise ConfigError("evaluate: the config has no validation_data partitions to evaluate")
-    env, sharded, step = _load(config, checkpoint)
-    results = validate(config, sharded.module, env, use_bf16(config.training, env))
-    if env.is_main:
-        path = output or os.path.join(config.training.save_dir, "evaluate", f"step-{step}.json")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"step": step, **results}, f, indent=1)
-        print(print_table(results))
-        logger.info("evaluation of step %d written to %s", step, path)
-
-
-def predict(config: RecapConfig, checkpoint: str | None, inputs: str, output: str, overwrite: bool) -> None:
-    from tml.projects.home.recap.predict import write_predictions
-
-    env, sharded, _ = _load(config, checkpoint)
-    write_predictions(config, sharded.module, env, inputs, output, overwrite)
-
-
 def summary(config: RecapConfig) -> None:
     from tml.core.model_summary import summarize
     from tml.projects.home.recap.build import build_train_module
@@ -86,79 +49,47 @@ def summary(config: RecapConfig) -> None:
     print(summarize(build_train_module(config, embedding_device="meta").model))
 
 
-def generate_data(
-    config: RecapConfig, num_examples: int, output: str, seed: int, validation_fraction: float
-) -> None:
-    from tml.projects.home.recap.data.synthetic import generate
-
-    setup_logging(0)
-    # Every split shares the seed, hence the label function; `split` draws different rows.
-    splits = [("train", config.train_data, num_examples)]
-    for name, data in config.validation_data.items():
-        splits.append((name, data, max(1, int(num_examples * validation_fraction))))
-    for split, (name, data, count) in enumerate(splits):
-        oracle = generate(data, count, os.path.join(output, name), seed=seed, split=split)
-        logger.info(
-            "%s: %d examples in %s; oracle AUC %s",
-            name,
-            count,
-            os.path.join(output, name),
-            {task.rsplit(".", 1)[-1]: round(auc, 3) for task, auc in oracle.items()},
-        )
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
-def compute_stats(config: RecapConfig, output: str | None) -> None:
-    from tml.projects.home.recap.model import compute_continuous_stats, save_stats
-    from tml.reader.dataset import build_dataset
-
-    setup_logging(0)
-    z = config.model.featurization_config.z_score_log_config
-    path = output or (z.analysis_path if z is not None else None)
-    if path is None:
-        raise ConfigError("compute-stats: give --output or set model.featurization_config.z_score_log_config")
-    data = build_dataset(config.train_data, [], num_epochs=1, shuffle=False)
-    save_stats(compute_continuous_stats(data), path)
-    logger.info("statistics of %s written to %s", config.train_data.inputs, path)
+_MODES = {
+    "train": "train (resumes from save_dir's latest checkpoint)",
+    "evaluate": "evaluate a checkpoint on every validation_data partition",
+    "predict": "Parquet in, Parquet out: ids, per-task probabilities and the ranking score",
+    "summary": "print the model's structure and parameter counts (no data needed)",
+    "generate-data": "write synthetic Parquet data in the config's schema",
+    "compute-stats": "compute z-score statistics of the continuous features from train_data",
+}
+_ARGS = {  # mode -> (flags, argparse keywords)
+    "evaluate": [("--checkpoint", {"help": "a step-N folder or a run folder (default: save_dir's latest)"}),
+                 ("--output", {"help": "metrics JSON file (default: <save_dir>/evaluate/step-N.json)"})],
+    "predict": [("--checkpoint", {"help": "a step-N folder or a run folder (default: save_dir's latest)"}),
+                ("--input", {"required": True, "help": "Parquet glob or fsspec URL to score"}),
+                ("--output", {"required": True, "help": "output folder (one part file per rank)"}),
+                ("--overwrite", {"action": "store_true", "help": "replace part files already in --output"})],
+    "generate-data": [("--num-examples", {"type": int, "required": True, "help": "training examples to draw"}),
+                      ("--output", {"required": True, "help": "folder; gets train/ and one per partition"}),
+                      ("--seed", {"type": int, "default": 0}),
+                      ("--validation-fraction", {"type": _fraction, "default": 0.2,
+                                                 "help": "rows per validation partition / --num-examples"})],
+    "compute-stats": [("--output", {"help": "stats file (default: z_score_log_config.analysis_path)"})],
+}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tml-recap", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    modes = {
-        "train": "train (resumes from save_dir's latest checkpoint)",
-        "evaluate": "evaluate a checkpoint on every validation_data partition",
-        "predict": "Parquet in, Parquet out: ids, per-task probabilities and the ranking score",
-        "summary": "print the model's structure and parameter counts (no data needed)",
-        "generate-data": "write synthetic Parquet data in the config's schema",
-        "compute-stats": "compute z-score statistics of the continuous features from train_data",
-    }
-    for mode, help_text in modes.items():
+    for mode, help_text in _MODES.items():
         p = sub.add_parser(mode, help=help_text)
         p.add_argument("--config", required=True, help="YAML config (local path or fsspec URL)")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
         add_debug_flag(p)
-        if mode in ("evaluate", "predict"):
-            p.add_argument(
-                "--checkpoint", help="a step-N folder or a run folder (default: save_dir's latest)"
-            )
-        if mode == "evaluate":
-            p.add_argument("--output", help="metrics JSON file (default: <save_dir>/evaluate/step-N.json)")
-        if mode == "predict":
-            p.add_argument("--input", required=True, help="Parquet glob or fsspec URL to score")
-            p.add_argument("--output", required=True, help="output folder (one part file per rank)")
-            p.add_argument("--overwrite", action="store_true", help="replace part files already in --output")
-        if mode == "generate-data":
-            p.add_argument("--num-examples", type=int, required=True, help="training examples to write")
-            p.add_argument("--output", required=True, help="folder; gets train/ and one folder per partition")
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument(
-                "--validation-fraction",
-                type=float,
-                default=0.2,
-                help="examples per validation partition, as a fraction of --num-examples",
-            )
-        if mode == "compute-stats":
-            p.add_argument("--output", help="stats file (default: z_score_log_config.analysis_path)")
+        for flag, keywords in _ARGS.get(mode, []):
+            p.add_argument(flag, **keywords)
     return parser
 
 
@@ -169,19 +100,29 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from tml.projects.home.recap import evaluate, predict
+    from tml.projects.home.recap.data import synthetic
+    from tml.projects.home.recap.model import stats
+
     config = load_config(RecapConfig, args.config, args.overrides)
     if args.mode == "train":
         run_distributed(lambda: train(config))
     elif args.mode == "evaluate":
-        run_distributed(lambda: evaluate(config, args.checkpoint, args.output))
+        run_distributed(lambda: evaluate.evaluate_checkpoint(config, args.checkpoint, args.output))
     elif args.mode == "predict":
-        run_distributed(lambda: predict(config, args.checkpoint, args.input, args.output, args.overwrite))
+        run_distributed(
+            lambda: predict.predict_checkpoint(
+                config, args.checkpoint, args.input, args.output, args.overwrite
+            )
+        )
     elif args.mode == "summary":
         summary(config)
     elif args.mode == "generate-data":
-        generate_data(config, args.num_examples, args.output, args.seed, args.validation_fraction)
+        setup_logging(0)
+        synthetic.generate_data(config, args.num_examples, args.output, args.seed, args.validation_fraction)
     elif args.mode == "compute-stats":
-        compute_stats(config, args.output)
+        setup_logging(0)
+        stats.compute_stats_file(config, args.output)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,13 @@ def _prepare_output(output: str, overwrite: bool) -> None:
         )
     for name in parts:
         os.remove(os.path.join(output, name))
+
+
+def predict_checkpoint(
+    config: RecapConfig, checkpoint: str | None, inputs: str, output: str, overwrite: bool
+) -> str:
+    """`tml-recap predict`: load `checkpoint` (default: save_dir's latest) and score `inputs` into `output`."""
+    from tml.projects.home.recap.build import build_for_inference
+
+    env, sharded, _ = build_for_inference(config, checkpoint)
+    return write_predictions(config, sharded.module, env, inputs, output, overwrite)

@@ -300,3 +300,60 @@ def generate(
     with open(os.path.join(output_dir, "oracle_auc.json"), "w") as handle:
         json.dump(result, handle, indent=2, sort_keys=True)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSummary:
+    name: str
+    folder: str
+    drawn: int  # rows drawn from the generating model
+    kept: int  # rows written: drawn minus those the split's downsampling rates dropped
+    oracle_auc: dict[str, float]
+
+
+def generate_splits(
+    train: DataConfig,
+    validation: dict[str, DataConfig],
+    num_examples: int,
+    output: str,
+    seed: int = 0,
+    validation_fraction: float = 0.2,
+) -> list[SplitSummary]:
+    """`tml-recap generate-data`: `<output>/train` and `<output>/<partition>` for every validation partition,
+    each in its own section's schema and downsampling.
+
+    Every split shares the seed, hence the label function, and draws different rows (`split`). A
+    validation partition draws `num_examples * validation_fraction` rows (at least one).
+    """
+    if not 0 < validation_fraction <= 1:
+        raise ValueError(f"--validation-fraction must be in (0, 1], got {validation_fraction}")
+    splits = [("train", train, num_examples)]
+    splits += [
+        (name, data, max(1, int(num_examples * validation_fraction))) for name, data in validation.items()
+    ]
+    summaries = []
+    for index, (name, data, count) in enumerate(splits):
+        folder = os.path.join(output, name)
+        oracle = generate(data, count, folder, seed=seed, split=index)
+        kept = sum(
+            pq.ParquetFile(os.path.join(folder, entry)).metadata.num_rows
+            for entry in os.listdir(folder)
+            if entry.endswith(".parquet")
+        )
+        summaries.append(SplitSummary(name, folder, count, kept, oracle))
+    return summaries
+
+
+def generate_data(
+    config, num_examples: int, output: str, seed: int = 0, validation_fraction: float = 0.2
+) -> None:
+    """`tml-recap generate-data`: `generate_splits` for a RecapConfig, logging what each split holds."""
+    from tml.ml_logging.log import get_logger
+
+    logger = get_logger(__name__)
+    for split in generate_splits(
+        config.train_data, config.validation_data, num_examples, output, seed, validation_fraction
+    ):
+        oracle = ", ".join(f"{task.rsplit('.', 1)[-1]} {auc:.3f}" for task, auc in split.oracle_auc.items())
+        logger.info("%s: %d rows in %s (%d drawn)", split.name, split.kept, split.folder, split.drawn)
+        logger.info("%s: oracle AUC %s", split.name, oracle)

@@ -19,7 +19,10 @@ from collections.abc import Iterable
 import fsspec
 import torch
 
+from tml.ml_logging.log import get_logger
 from tml.reader.batch import RecapBatch
+
+logger = get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -61,6 +64,23 @@ def compute_continuous_stats(batches: Iterable[RecapBatch], feature: str = "cont
     mean = total / n
     var = (total_sq / n - mean * mean).clamp(min=0.0)
     return ContinuousStats(mean.tolist(), var.sqrt().tolist(), count.tolist(), feature)
+
+
+def compute_stats_file(config, output: str | None) -> str:
+    """`tml-recap compute-stats`: stats of `config.train_data` (one pass) to `output` or the path the
+    config's z_score_log_config reads; returns the path."""
+    from tml.core.config.loader import ConfigError
+    from tml.reader.dataset import build_dataset
+
+    z = config.model.featurization_config.z_score_log_config
+    path = output or (z.analysis_path if z is not None else None)
+    if path is None:
+        raise ConfigError("compute-stats: give --output or set model.featurization_config.z_score_log_config")
+    save_stats(
+        compute_continuous_stats(build_dataset(config.train_data, [], num_epochs=1, shuffle=False)), path
+    )
+    logger.info("statistics of %s written to %s", config.train_data.inputs, path)
+    return path
 
 
 def save_stats(stats: ContinuousStats, path: str) -> None:
