@@ -29,6 +29,7 @@ from tml.core.checkpoint import Checkpointer, Preempted, complete_steps, model_d
 from tml.core.config.loader import ConfigError, save_config
 from tml.core.config.training import TrainingConfig
 from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, seed_ranks
+from tml.core.profiling import StepProfiler
 from tml.core.sharding import ShardedModel
 from tml.core.state import (
     DataState,
@@ -147,6 +148,16 @@ def check_resume(job: TrainJob, checkpoint: str) -> None:
         )
 
 
+def _profiler(t: TrainingConfig, env: DistEnv) -> StepProfiler | None:
+    if t.profile is None:
+        return None
+    p = t.profile
+    folder = os.path.join(t.save_dir, "profile")
+    return StepProfiler(
+        p.start_step, p.num_steps, folder, env.rank, p.record_shapes, p.profile_memory, p.with_stack
+    )
+
+
 def training_states(sharded: ShardedModel, optimizer, scheduler, loop: LoopState) -> dict[str, Any]:
     """The job-wide checkpoint parts of a training run: model, every optimizer, scheduler, loop counters."""
     states: dict[str, Any] = {
@@ -203,6 +214,7 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         bf16=use_bf16(t, env),
         pipeline=t.pipeline,
         batch_type=job.batch_type,
+        profiler=_profiler(t, env),
     )
     optimizers = [job.optimizer, *job.sharded.table_optimizers.values()]
     status = "failure"

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
+from torch.profiler import record_function
 
 from tml.core.distributed import DistEnv, min_over_ranks
 from tml.core.state import LoopState
@@ -46,6 +47,7 @@ class LoopOptions:
     """Flat settings of the loop (built from the training and optimizer configs by the caller).
 
     `batch_type`: the project's batch class, registered as torchrec `Pipelineable` for the pipelines.
+    `profiler`: a core.profiling.StepProfiler, or None.
     """
 
     num_train_steps: int
@@ -56,6 +58,7 @@ class LoopOptions:
     bf16: bool = False
     pipeline: Pipeline = "auto"
     batch_type: type | None = None
+    profiler: object | None = None  # core.profiling.StepProfiler: told before and after every step
 
 
 @dataclasses.dataclass
@@ -92,11 +95,12 @@ class _StepControl:
         self.micro += 1
         if self.micro % self.accumulation:
             return
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip)
-        for optimizer in self.optimizers:
-            optimizer.step()
-        self.scheduler.step()
+        with record_function("optimizer"):
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip)
+            for optimizer in self.optimizers:
+                optimizer.step()
+            self.scheduler.step()
 
 
 class _AgreedIterator:
@@ -114,7 +118,8 @@ class _AgreedIterator:
         return self
 
     def _fetch(self) -> None:
-        batch = next(self.it, None)
+        with record_function("data_wait"):
+            batch = next(self.it, None)
         # MIN over ranks of [has a batch, has no stop request].
         flags = torch.tensor([batch is not None, not self.stop_requested()], dtype=torch.int32)
         work = None
@@ -167,7 +172,7 @@ def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple
             # What DDP's no_sync() does, for the pipelines that run forward and backward themselves.
             for ddp in ddps:
                 ddp.require_backward_grad_sync = control.last_micro_step
-        with autocast():
+        with record_function("forward"), autocast():
             loss, _ = module(batch)
         return loss / options.gradient_accumulation, (loss.detach().float(), batch.batch_size)
 
@@ -180,7 +185,8 @@ def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple
             batch = next(it).to(env.device, non_blocking=True)
             control.zero_grad()
             scaled, out = forward(batch)
-            scaled.backward()
+            with record_function("backward"):
+                scaled.backward()
             control.step()
             return out
 
@@ -239,34 +245,30 @@ def train(
     data, losses = _AgreedIterator(source, env, stop_requested), []
     bar = progress_bar(options.num_train_steps - state.step, "train", env.rank)
     window = _Window(env, checkpointer, losses)
-    evaluated = None
-    while state.step < options.num_train_steps:
-        step_loss = None
-        try:
-            for _ in range(options.gradient_accumulation):
-                loss, batch_size = progress(data)
-                state.batches_trained += 1
-                # Kept on the device: reading it every step would stall the GPU (see _Window.verify).
-                loss = loss / options.gradient_accumulation
-                step_loss = loss if step_loss is None else step_loss + loss
-                window.examples += batch_size
-        except StopIteration:
-            logger.info("data ended on a rank after %d steps; all ranks stop", state.step)
-            break
-        state.step += 1
-        step = state.step
-        window.pending.append(step_loss)
-        bar.update(1)
-        if step % options.train_log_every_n == 0 or step == options.num_train_steps:
-            window.verify(step)
-            bar.update(0, loss=window.loss / max(window.steps, 1))
-            window = _log_train(metric_logger, step, optimizers[0], env, window)
-        if checkpointer is not None:
-            checkpointer.maybe_save(step, before_save=window.verify, stop=data.stop_agreed)
-        if evaluate is not None and options.eval_every_n and step % options.eval_every_n == 0:
-            window.verify(step)
-            _run_eval(evaluate, step, module, pipeline)
-            evaluated = step
+    evaluated, profiler = None, options.profiler or _NoProfiler()
+    try:
+        while state.step < options.num_train_steps:
+            profiler.before(state.step + 1)
+            step_loss = _step(progress, data, options, state, window)
+            if step_loss is None:
+                logger.info("data ended on a rank after %d steps; all ranks stop", state.step)
+                break
+            step = state.step
+            profiler.after(step)
+            window.pending.append(step_loss)
+            bar.update(1)
+            if step % options.train_log_every_n == 0 or step == options.num_train_steps:
+                window.verify(step)
+                bar.update(0, loss=window.loss / max(window.steps, 1))
+                window = _log_train(metric_logger, step, optimizers[0], env, window)
+            if checkpointer is not None:
+                checkpointer.maybe_save(step, before_save=window.verify, stop=data.stop_agreed)
+            if evaluate is not None and options.eval_every_n and step % options.eval_every_n == 0:
+                window.verify(step)
+                _run_eval(evaluate, step, module, pipeline)
+                evaluated = step
+    finally:
+        profiler.close()  # a trace of the steps before a failure or a stop is still written
     data.close()
     window.verify(state.step)
     bar.close()
@@ -275,6 +277,30 @@ def train(
     if evaluate is not None and evaluated != state.step:
         _run_eval(evaluate, state.step, module, pipeline)
     return TrainResult(state.step, state.batches_trained, losses)
+
+
+def _step(progress, data, options: LoopOptions, state: LoopState, window: _Window) -> torch.Tensor | None:
+    """One optimizer step of `gradient_accumulation` batches: its loss (on the device), or None when the
+    ranks' data ended."""
+    step_loss = None
+    try:
+        for _ in range(options.gradient_accumulation):
+            loss, batch_size = progress(data)
+            state.batches_trained += 1
+            # Kept on the device: reading it every step would stall the GPU (see _Window.verify).
+            loss = loss / options.gradient_accumulation
+            step_loss = loss if step_loss is None else step_loss + loss
+            window.examples += batch_size
+    except StopIteration:
+        return None
+    state.step += 1
+    return step_loss
+
+
+class _NoProfiler:
+    def before(self, step: int) -> None: ...
+    def after(self, step: int) -> None: ...
+    def close(self) -> None: ...
 
 
 def _run_eval(evaluate, step: int, module, pipeline) -> None:

@@ -21,6 +21,18 @@ from tml.core.config.base import BaseConfig
 _F = pydantic.Field
 
 
+class ProfileConfig(BaseConfig):
+    """torch.profiler over a few optimizer steps on every rank (docs/training.md, "Profiling")."""
+
+    start_step: int = _F(
+        ge=1, description="First optimizer step traced (1-based, counted across resumes); skip the first few."
+    )
+    num_steps: int = _F(3, ge=1, description="Consecutive steps traced.")
+    record_shapes: bool = _F(False, description="Record operator input shapes (slower, larger traces).")
+    profile_memory: bool = _F(False, description="Record tensor allocations and frees.")
+    with_stack: bool = _F(False, description="Record Python stacks of operators (much larger traces).")
+
+
 class TrainingConfig(BaseConfig):
     """How long to train, where to write, how often to log, evaluate and checkpoint."""
 
@@ -63,6 +75,9 @@ class TrainingConfig(BaseConfig):
             "step), sparse_dist (torchrec TrainPipelineSparseDist: also the embedding input all-to-alls); "
             "auto: sparse_dist on cuda for models with fused embedding tables, eager otherwise."
         ),
+    )
+    profile: ProfileConfig | None = _F(
+        None, description="Trace some steps with torch.profiler into <save_dir>/profile/ (None: off)."
     )
     num_threads: int | None = _F(
         None,

@@ -134,3 +134,35 @@ def test_remote_save_dir_is_refused():
     check_save_dir("/tmp/runs/x")
     with pytest.raises(ConfigError, match="training.save_dir 's3://bucket/run'.*mount"):
         check_save_dir("s3://bucket/run")
+
+
+def _profile_job(save_dir: str) -> dict:
+    import json
+
+    from tml.core.distributed import init_distributed, shutdown
+    from tml.core.profiling import StepProfiler
+    from tml.core.train_loop import LoopOptions, train
+
+    env = init_distributed("gloo", "cpu")
+    sharded, optimizer, scheduler = tiny.build_training(env)
+    profiler = StepProfiler(2, 2, f"{save_dir}/profile", env.rank)
+    options = LoopOptions(num_train_steps=5, profiler=profiler)
+    train(sharded.module, [optimizer], scheduler, tiny.rank_batches(env, 0, 10), env, options)
+    traces = sorted(pathlib.Path(save_dir, "profile", f"rank{env.rank}").glob("*.pt.trace.json"))
+    events = json.loads(traces[0].read_text())["traceEvents"] if traces else []
+    names = [e.get("name") for e in events]
+    shutdown()
+    return {
+        "files": len(traces),
+        "ranges": {n: names.count(n) for n in ("data_wait", "forward", "backward", "optimizer")},
+    }
+
+
+@pytest.mark.distributed
+def test_profile_writes_a_trace_of_the_asked_steps(run_ranks, tmp_path):
+    results = run_ranks(_profile_job, 2, str(tmp_path))
+    for result in results:
+        assert result["files"] == 1
+        # Two steps traced: one forward, backward and optimizer range each; data waits at least as many.
+        assert result["ranges"]["forward"] == 2 and result["ranges"]["backward"] == 2
+        assert result["ranges"]["optimizer"] == 2 and result["ranges"]["data_wait"] >= 2

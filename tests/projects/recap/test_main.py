@@ -177,9 +177,12 @@ def test_recap_modes_end_to_end(tmp_path):
         *TINY,
         "training.num_train_steps=4",
         f"training.save_dir={tmp_path}/runs/two",
+        "training.profile={start_step: 2, num_steps: 2}",
         nproc=2,
     )
     assert third_party_warnings(out) == []
+    for rank in (0, 1):
+        assert len(list((tmp_path / "runs/two/profile" / f"rank{rank}").glob("*.pt.trace.json"))) == 1
     assert [r["step"] for r in metrics(tmp_path, "two") if "train/loss" in r] == [2, 4]
 
 
