@@ -42,9 +42,10 @@ from tml.core.state import (
 )
 from tml.core.third_party import quiet_known_warnings
 from tml.core.train_loop import LoopOptions, TrainResult, train
-from tml.ml_logging.hparams import log_hparams
+from tml.ml_logging.hparams import flatten_config, log_hparams
 from tml.ml_logging.log import get_logger, setup_logging
 from tml.ml_logging.metrics import MetricLogger
+from tml.ml_logging.mlflow_sink import build_mlflow_sink
 from tml.ml_logging.run_folder import final_metrics
 
 logger = get_logger(__name__)
@@ -158,6 +159,25 @@ def _profiler(t: TrainingConfig, env: DistEnv) -> StepProfiler | None:
     )
 
 
+def _mlflow_sink(job: TrainJob, env: DistEnv):
+    """Rank 0's MLflow sink with the run's params logged, or None when `training.mlflow` is unset."""
+    m = job.training.mlflow
+    if m is None or not env.is_main:
+        return None
+    name = m.run_name or os.path.basename(os.path.normpath(job.training.save_dir))
+    sink = build_mlflow_sink(m.tracking_uri, m.experiment, name, job.training.save_dir, m.artifact_location)
+    sink.log_params(flatten_config(job.config))
+    return sink
+
+
+def _close_mlflow(sink, t: TrainingConfig, checkpointer: Checkpointer, status: str) -> None:
+    latest = checkpointer.latest_path()
+    if t.mlflow.log_checkpoint and latest is not None and status != "failure":
+        sink.log_artifacts(latest, f"checkpoints/{os.path.basename(latest)}")
+    sink.log_artifacts(os.path.join(t.save_dir, "config.yaml"))
+    sink.close({"success": "FINISHED", "running": "KILLED", "failure": "FAILED"}[status])
+
+
 def training_states(sharded: ShardedModel, optimizer, scheduler, loop: LoopState) -> dict[str, Any]:
     """The job-wide checkpoint parts of a training run: model, every optimizer, scheduler, loop counters."""
     states: dict[str, Any] = {
@@ -198,7 +218,8 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         save_config(job.config, os.path.join(t.save_dir, "config.yaml"))
         log_hparams(t.save_dir, job.config, {}, step=loop.step, status="running")
     checkpointer.install_signal_handlers()
-    metric_logger = MetricLogger(t.save_dir, env.rank)
+    mlflow = _mlflow_sink(job, env)
+    metric_logger = MetricLogger(t.save_dir, env.rank, sinks=[mlflow] if mlflow else ())
     evaluate = None
     if job.evaluate is not None:
 
@@ -240,5 +261,7 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         if env.is_main:
             # The dashboard's row for this run: its config and final metrics, or how it ended.
             log_hparams(t.save_dir, job.config, final_metrics(t.save_dir), step=loop.step, status=status)
+        if mlflow is not None:
+            _close_mlflow(mlflow, t, checkpointer, status)
     logger.info("training done at step %d; checkpoints in %s", result.step, checkpointer.dir)
     return result

@@ -29,6 +29,11 @@ _WARNINGS = (
         "torchrec's row-wise and table-row-wise sharding calls these collectives",
     ),
     (
+        Warning,  # sqlalchemy's SADeprecationWarning, not importable without sqlalchemy
+        r"The ``noload`` loader strategy is deprecated",
+        "MLflow's SQL tracking store (training.mlflow with a sqlite:/// URI) uses it",
+    ),
+    (
         UserWarning,
         r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
         "FBGEMM registers the CPU dense-kernel lookup (replicated tables) without an autograd key",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 
 from tml.ml_logging.console import console_messages
 from tml.ml_logging.log import get_logger
@@ -30,6 +31,7 @@ class MetricLogger:
         save_dir: run folder; `metrics.jsonl` and `tensorboard/` go there (None: console only).
         rank: this process's rank; only rank 0 writes.
         console / jsonl / tensorboard: switch each sink.
+        sinks: more destinations, each with `log_metrics(step, metrics)` (e.g. the MLflow sink).
 
     Example:
         metrics = MetricLogger("runs/x", rank=0)
@@ -44,9 +46,11 @@ class MetricLogger:
         console: bool = True,
         jsonl: bool = True,
         tensorboard: bool = True,
+        sinks: Sequence = (),
     ) -> None:
         self.active = rank == 0
         self.console = console
+        self.sinks = list(sinks)
         self._jsonl = None
         self._tb = None
         if not self.active or save_dir is None:
@@ -74,6 +78,8 @@ class MetricLogger:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, global_step=step)
             self._tb.flush()
+        for sink in self.sinks:
+            sink.log_metrics(step, values)
 
     def close(self) -> None:
         if self._jsonl is not None:

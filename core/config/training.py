@@ -17,6 +17,7 @@ from typing import Literal
 import pydantic
 
 from tml.core.config.base import BaseConfig
+from tml.ml_logging.mlflow_sink import MlflowConfig
 
 _F = pydantic.Field
 
@@ -78,6 +79,11 @@ class TrainingConfig(BaseConfig):
     )
     profile: ProfileConfig | None = _F(
         None, description="Trace some steps with torch.profiler into <save_dir>/profile/ (None: off)."
+    )
+    mlflow: MlflowConfig | None = _F(
+        None,
+        description="Also log params, metrics and the last checkpoint to MLflow (pip install 'tml[mlflow]'; "
+        "docs/runs.md); None: off.",
     )
     num_threads: int | None = _F(
         None,

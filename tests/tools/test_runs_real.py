@@ -3,6 +3,7 @@ and tensorboard/ as the trainer writes them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -12,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from tml.ml_logging.hparams import flatten_config, log_hparams
+from tml.ml_logging.hparams import flatten_config
 from tml.ml_logging.run_folder import final_metrics, read_run
 from tml.tools.runs import cli
 
@@ -48,7 +49,10 @@ def test_compare_and_hparams_on_a_trained_run(tmp_path, capsys, monkeypatch):
         "training.train_log_every_n=2",
         "training.checkpoint_every_n=4",
     ]
-    _train(tmp_path, "train", "--config", LOCAL, *tiny)
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sink = [f"training.mlflow={{tracking_uri: '{store}', experiment: real}}"] if mlflow else []
+    _train(tmp_path, "train", "--config", LOCAL, *tiny, *sink)
     run = tmp_path / "runs" / "local"
 
     # A second run folder: the same run as if trained with another Adam epsilon.
@@ -74,7 +78,7 @@ def test_compare_and_hparams_on_a_trained_run(tmp_path, capsys, monkeypatch):
     finals = final_metrics(str(run))
     assert "train/loss" in finals and f"{FAV}/auroc" in finals and f"{FAV}/count" not in finals
     assert set(finals) <= set(trained.history)
-    log_hparams(str(run), trained.config, finals, step=4)
+    # The trainer wrote its own HParams record at the end of the run.
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
@@ -88,3 +92,17 @@ def test_compare_and_hparams_on_a_trained_run(tmp_path, capsys, monkeypatch):
     assert set(start.hparams) == {key for key, value in flat.items() if value is not None}
     assert start.hparams["training.num_train_steps"].number_value == 4
     assert sorted(acc.Tags()["scalars"]) == sorted(finals)
+    if mlflow:
+        _check_mlflow(store, run)
+
+
+def _check_mlflow(store: str, run: pathlib.Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (logged,) = client.search_runs([client.get_experiment_by_name("real").experiment_id])
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "local"
+    assert logged.data.params["training.num_train_steps"] == "4"
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "train/loss")] == [2, 4]
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"config.yaml", "checkpoints"} <= artifacts
