@@ -13,7 +13,7 @@ from tml.ml_logging.log import get_logger
 from tml.optimizers.build import build_optimizer, embedding_optimizer
 from tml.optimizers.config import LearningRate, OptimizerConfig
 from tml.projects.home.recap.config import RecapConfig
-from tml.projects.home.recap.model import RecapTrainModule, build_model, parameter_groups
+from tml.projects.home.recap.model import RecapTrainModule, build_loss, build_model, parameter_groups
 from tml.projects.home.recap.model.embeddings import read_pretrained
 from tml.projects.home.recap.model.stratifiers import stratifier_segments
 from tml.reader.config import DataConfig, dense_widths
@@ -40,7 +40,7 @@ def build_train_module(config: RecapConfig, embedding_device: str = "cpu") -> Re
         downsampling,
         embedding_device=embedding_device,
     )
-    return RecapTrainModule(model)
+    return RecapTrainModule(model, build_loss(config.model))
 
 
 def build_sharded(config: RecapConfig, env: DistEnv) -> ShardedModel:

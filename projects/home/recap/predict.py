@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -14,6 +13,8 @@ from tml.ml_logging.log import get_logger
 from tml.ml_logging.progress import progress_bar
 from tml.projects.home.recap.build import unwrap
 from tml.projects.home.recap.config import RecapConfig
+from tml.projects.home.recap.model.serving import RankingScore
+from tml.projects.home.recap.serving.outputs import output_table, prepare_output
 from tml.reader.dataset import build_dataset
 
 logger = get_logger(__name__)
@@ -24,8 +25,9 @@ def write_predictions(
 ) -> str:
     """Score every row of `inputs` (this rank's share) into `<output>/part-<rank>.parquet`; returns the path.
 
-    Columns: the config's `train_data.id_columns`, `p/<task>` (calibrated probability) per task, and `score`
-    = sum_i w_i * p_i with `prediction.ranking_weights`. Labels are not needed in the input. Ranks stay in
+    Columns (serving/outputs.py, the same as `tml-recap score` writes): the config's `train_data.id_columns`,
+    `p/<task>` (calibrated probability) per task, and `score` = sum_i w_i * p_i with
+    `prediction.ranking_weights` (the serving module's RankingScore). Labels are not needed in the input. Ranks stay in
     step (`lockstep`): one whose share ends first runs dummy forwards, so sharded tables never hang. An
     output folder that already holds part files is refused unless `overwrite`.
     """
@@ -34,25 +36,22 @@ def write_predictions(
     )
     dataset = build_dataset(data, [], env.rank, env.world_size, num_epochs=1, shuffle=False)
     if env.is_main:
-        _prepare_output(output, overwrite)
+        prepare_output(output, overwrite)
     torch.distributed.barrier()
     model = unwrap(module).model  # labels are not needed, so the model without its loss
     model.eval()
     tasks = list(config.model.tasks)
-    weights = torch.tensor([config.ranking_weights()[t] for t in tasks], dtype=torch.float32)
+    ranking_score = RankingScore([config.ranking_weights()[t] for t in tasks]).to(env.device)
     path = os.path.join(output, f"part-{env.rank:05d}.parquet")
     writer, rows = None, 0
     bar = progress_bar(None, "predict", env.rank)
     with torch.no_grad():
         for batch, real in lockstep(dataset, env):
-            probabilities = model(batch)["probabilities"].float().cpu()
+            probabilities = model(batch)["probabilities"].float()
             if not real:
                 continue
-            columns = {name: pa.array(ids.cpu().numpy()) for name, ids in batch.ids.items()}
-            for i, task in enumerate(tasks):
-                columns[f"p/{task}"] = pa.array(probabilities[:, i].numpy())
-            columns["score"] = pa.array((probabilities * weights).sum(dim=1).numpy())
-            table = pa.table(columns)
+            outputs = {"probabilities": probabilities, "score": ranking_score(probabilities)}
+            table = output_table(batch.ids, outputs, tasks)
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
@@ -63,18 +62,6 @@ def write_predictions(
         writer.close()
     logger.info("wrote %d predictions to %s", rows, path)
     return path
-
-
-def _prepare_output(output: str, overwrite: bool) -> None:
-    os.makedirs(output, exist_ok=True)
-    parts = sorted(name for name in os.listdir(output) if name.startswith("part-"))
-    if parts and not overwrite:
-        raise FileExistsError(
-            f"--output {output!r} already holds {len(parts)} part file(s) ({parts[0]}, ...): another "
-            "run's predictions would mix with this one's; choose an empty folder or pass --overwrite"
-        )
-    for name in parts:
-        os.remove(os.path.join(output, name))
 
 
 def predict_checkpoint(

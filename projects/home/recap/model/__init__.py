@@ -1,9 +1,9 @@
-"""The recap heavy-ranker model: build_model, RecapModel, RecapTrainModule, parameter groups, z-score stats.
+"""The recap heavy-ranker model: build_model, build_loss, RecapModel, RecapTrainModule, parameter groups, z-score stats.
 
 Importing this package does not import torchrec (only LargeEmbeddings does, when built).
 """
 
-from tml.projects.home.recap.model.build import build_model
+from tml.projects.home.recap.model.build import build_loss, build_model
 from tml.projects.home.recap.model.recap_model import (
     RecapModel,
     RecapTrainModule,
@@ -21,6 +21,7 @@ __all__ = [
     "ContinuousStats",
     "RecapModel",
     "RecapTrainModule",
+    "build_loss",
     "build_model",
     "compute_continuous_stats",
     "embedding_table_prefixes",

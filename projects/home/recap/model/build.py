@@ -42,9 +42,10 @@ from tml.projects.home.recap.model.featurization import (
     Log1pAbs,
     ZScoreLog,
 )
+from tml.projects.home.recap.model.heads import TaskHeads
 from tml.projects.home.recap.model.mask_net import MaskBlockSpec, MaskNet
 from tml.projects.home.recap.model.mlp import LayerNorm, Mlp
-from tml.projects.home.recap.model.recap_model import RecapModel, sanitize
+from tml.projects.home.recap.model.recap_model import MultiTaskLoss, RecapModel, sanitize
 from tml.projects.home.recap.model.split_towers import SplitTowers, TowerGroup
 from tml.projects.home.recap.model.stats import load_stats
 
@@ -284,15 +285,17 @@ def build_model(
             raise ConfigError(f"{key}: a tower must end in 1 output (its logit), got {tower.out_features}")
         towers[task] = tower
     maps = [config.tasks[t].affine_map for t in tasks]
+    heads = TaskHeads(
+        tasks,
+        odds_ratios=odds,
+        affine_scales=[m.scale if m else 1.0 for m in maps],
+        affine_biases=[m.bias if m else 0.0 for m in maps],
+    )
     return RecapModel(
         task_names=tasks,
         featurizer=featurizer,
         towers=towers,
-        odds_ratios=odds,
-        affine_scales=[m.scale if m else 1.0 for m in maps],
-        affine_biases=[m.bias if m else 0.0 for m in maps],
-        pos_weights=[config.tasks[t].pos_weight for t in tasks],
-        loss_weights=[config.tasks[t].loss_weight for t in tasks],
+        heads=heads,
         dense_vectors=dense_vectors,
         position=position,
         small=small,
@@ -300,4 +303,12 @@ def build_model(
         split=split,
         backbone=backbone,
         share_partial=config.multi_task_type == MultiTaskType.share_partial,
+    )
+
+
+def build_loss(config: ModelConfig) -> MultiTaskLoss:
+    """The train module's loss: each task's `pos_weight` and `loss_weight`, in `model.tasks` order."""
+    tasks = list(config.tasks)
+    return MultiTaskLoss(
+        tasks, [config.tasks[t].pos_weight for t in tasks], [config.tasks[t].loss_weight for t in tasks]
     )

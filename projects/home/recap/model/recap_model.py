@@ -1,13 +1,12 @@
-"""The recap heavy ranker: features -> [split towers] -> [backbone] -> one tower per task -> calibrated
-probabilities; and the train module that adds the multi-task loss.
+"""The recap heavy ranker: features -> [split towers] -> [backbone] -> one tower per task -> heads; and the
+train module that adds the multi-task loss.
 
 Feature segments, in concatenation order: the featurized block (`continuous` then the appended tensors),
 the dense vectors (TwHIN), the position embedding, then the embedding vectors (small tables, large-table
 features) last, where DLRM expects them.
-Heads: logit = tower(x) * scale + bias (fixed affine map, identity when unset); probability =
-sigmoid(logit) with its odds scaled back to the data's: p * r / (1 - p + r * p),
-r = neg_rate / (pos_rate * pos_weight). Negative downsampling multiplies the odds the model learns by
-pos_rate / neg_rate, and BCE with pos_weight w fits w times the odds; r undoes both.
+Heads (`heads.TaskHeads`): the fixed affine map of each tower's logit, sigmoid, the odds correction for
+downsampling and pos_weight, the calibrator. The loss's constants (pos_weight, loss_weight) belong to the
+train module's `MultiTaskLoss`; the serving face (plain tensors in, scores out) is `serving.py`.
 
 Every forward here that contains TorchRec tables (RecapTrainModule, RecapModel, LargeEmbeddings) is
 fx-traced by TorchRec's sparse-dist train pipeline to find the tables: it must not iterate a returned
@@ -19,7 +18,7 @@ Shapes: B = batch, F = input features, T = tasks.
 Example:
     model = build_model(config, {"continuous": 10, "binary": 3}, [], {})
     out = model(batch)  # {"logits": [B, T], "probabilities": [B, T]}
-    loss, outputs = RecapTrainModule(model)(batch)
+    loss, outputs = RecapTrainModule(model, build_loss(config))(batch)
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from tml.projects.home.recap.model.embeddings import (
     SmallEmbeddings,
 )
 from tml.projects.home.recap.model.featurization import DenseFeaturizer
+from tml.projects.home.recap.model.heads import TaskHeads
 from tml.projects.home.recap.model.split_towers import SplitTowers
 from tml.reader.batch import RecapBatch
 
@@ -43,19 +43,6 @@ def sanitize(task_name: str) -> str:
     return task_name.replace(".", "__")
 
 
-def odds_correction(p: torch.Tensor, odds_ratio: torch.Tensor) -> torch.Tensor:
-    """Scale the odds of p by r: p' = p*r / (1 - p + r*p), so p' / (1 - p') = r * p / (1 - p).
-
-    Args:
-        p: [B, T] probabilities the model learned.
-        odds_ratio: [T] r per task, neg_rate / (pos_rate * pos_weight) (see the module docstring).
-
-    Example:
-        odds_correction(torch.tensor([[0.5]]), torch.tensor([0.1]))  # [[0.0909]]
-    """
-    return p * odds_ratio / (1.0 - p + odds_ratio * p)
-
-
 class RecapModel(nn.Module):
     """Multi-task ranking model (build it with `build_model`).
 
@@ -63,9 +50,7 @@ class RecapModel(nn.Module):
         task_names: T task names, the output column order.
         featurizer: dense block module.
         towers: {task name: [B, F_tower] -> [B, 1]} in task order.
-        odds_ratios, affine_scales, affine_biases, pos_weights, loss_weights: [T] floats per task
-            (odds_ratios: r of `odds_correction`). They derive from the config, so they are buffers
-            left out of the state dict: a checkpoint never overrides what the config says.
+        heads: raw tower logits -> logits and calibrated probabilities (`heads.TaskHeads`).
         dense_vectors, position, small, large: optional input modules.
         split: optional split towers over the segments.
         backbone: optional shared network.
@@ -79,11 +64,7 @@ class RecapModel(nn.Module):
         task_names: list[str],
         featurizer: DenseFeaturizer,
         towers: dict[str, nn.Module],
-        odds_ratios: list[float],
-        affine_scales: list[float],
-        affine_biases: list[float],
-        pos_weights: list[float],
-        loss_weights: list[float],
+        heads: TaskHeads,
         dense_vectors: DenseVectorNorms | None = None,
         position: PositionDebias | None = None,
         small: SmallEmbeddings | None = None,
@@ -93,6 +74,7 @@ class RecapModel(nn.Module):
         share_partial: bool = False,
     ) -> None:
         super().__init__()
+        assert heads.task_names == list(task_names), "heads and towers must list the same tasks"
         self.task_names = list(task_names)
         self.featurizer = featurizer
         self.dense_vectors = dense_vectors
@@ -103,19 +85,12 @@ class RecapModel(nn.Module):
         self.backbone = backbone
         self.share_partial = share_partial
         self.towers = nn.ModuleDict({sanitize(name): towers[name] for name in self.task_names})
-        for name, values in [
-            ("odds_ratios", odds_ratios),
-            ("affine_scales", affine_scales),
-            ("affine_biases", affine_biases),
-            ("pos_weights", pos_weights),
-            ("loss_weights", loss_weights),
-        ]:
-            assert len(values) == len(self.task_names), name
-            self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
+        self.heads = heads
 
-    def segments(self, batch: RecapBatch) -> dict[str, torch.Tensor]:
-        """Named feature segments [B, width] in concatenation order (embedding vectors last)."""
-        block = self.featurizer(batch.dense)
+    def dense_segments(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The segments computed from dense tensors [B, width], in concatenation order (all but the
+        large-table features, which come last)."""
+        block = self.featurizer(dense)
         out: dict[str, torch.Tensor] = {}
         start = 0
         for name, width in self.featurizer.layout:
@@ -124,15 +99,20 @@ class RecapModel(nn.Module):
         # Returned dicts are read by the names each module declares in its layout, never iterated:
         # TorchRec's sparse-dist pipeline fx-traces this method, and a traced dict cannot be iterated.
         if self.dense_vectors is not None:
-            vectors = self.dense_vectors(batch.dense)
+            vectors = self.dense_vectors(dense)
             for name, _ in self.dense_vectors.layout:
                 out[name] = vectors[name]
         if self.position is not None:
-            out["position_debias"] = self.position(batch.dense["discrete"])
+            out["position_debias"] = self.position(dense["discrete"])
         if self.small_embeddings is not None:
-            small = self.small_embeddings(batch.dense["discrete"])
+            small = self.small_embeddings(dense["discrete"])
             for name, _ in self.small_embeddings.layout:
                 out[name] = small[name]
+        return out
+
+    def segments(self, batch: RecapBatch) -> dict[str, torch.Tensor]:
+        """Named feature segments [B, width] in concatenation order (embedding vectors last)."""
+        out = self.dense_segments(batch.dense)
         if self.large_embeddings is not None:
             if batch.sparse is None:
                 raise ValueError("the model has large_embeddings but batch.sparse is None")
@@ -143,12 +123,15 @@ class RecapModel(nn.Module):
                 out[name] = pooled[name]
         return out
 
-    def features(self, batch: RecapBatch) -> torch.Tensor:
+    def combine(self, segments: dict[str, torch.Tensor]) -> torch.Tensor:
         """The backbone input [B, F]: split-tower output, or all segments concatenated."""
-        segments = self.segments(batch)
         if self.split_towers is not None:
             return self.split_towers(segments)
         return torch.cat(list(segments.values()), dim=1)
+
+    def features(self, batch: RecapBatch) -> torch.Tensor:
+        """The backbone input [B, F] of a batch."""
+        return self.combine(self.segments(batch))
 
     def group_embeddings(self, batch: RecapBatch, groups: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Run only the named split-tower groups: {group: [B, D_group]} (to precompute embeddings)."""
@@ -156,15 +139,17 @@ class RecapModel(nn.Module):
             raise ValueError("group_embeddings needs model.split_towers in the config")
         return self.split_towers.group_embeddings(self.segments(batch), groups)
 
-    def forward(self, batch: RecapBatch) -> dict[str, torch.Tensor]:
-        x = self.features(batch)
+    def from_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backbone, towers and heads on the backbone input [B, F]: logits and probabilities [B, T]."""
         if self.backbone is not None:
             hidden = self.backbone(x)
             x = torch.cat([hidden, x], dim=1) if self.share_partial else hidden
         raw = torch.cat([self.towers[sanitize(name)](x) for name in self.task_names], dim=1)
-        logits = raw * self.affine_scales + self.affine_biases
-        probabilities = odds_correction(torch.sigmoid(logits), self.odds_ratios)
-        return {"logits": logits, "probabilities": probabilities}
+        heads = self.heads(raw)
+        return {"logits": heads["logits"], "probabilities": heads["probabilities"]}
+
+    def forward(self, batch: RecapBatch) -> dict[str, torch.Tensor]:
+        return self.from_features(self.features(batch))
 
 
 class MultiTaskLoss(nn.Module):
@@ -173,27 +158,28 @@ class MultiTaskLoss(nn.Module):
 
     A module of its own so that the shape check stays out of the traced forwards (see the module
     docstring): TorchRec's pipeline treats a module without tables as a leaf and does not trace into it.
+    pos_weights and loss_weights derive from the config: buffers kept out of the state dict.
 
     Args:
         task_names: the T tasks, for error messages.
+        pos_weights: [T] BCE weight of the positives per task.
+        loss_weights: [T] weight of each task's loss in the total.
 
-    Shapes: logits, labels, weights [B, T]; pos_weights, loss_weights [T] -> (loss [], per_task [T]).
+    Shapes: logits, labels, weights [B, T] -> (loss [], per_task [T]).
 
     Example:
-        loss, per_task = MultiTaskLoss(["fav"])(logits, labels, weights, torch.ones(1), torch.ones(1))
+        loss, per_task = MultiTaskLoss(["fav"], [1.0], [1.0])(logits, labels, weights)
     """
 
-    def __init__(self, task_names: list[str]) -> None:
+    def __init__(self, task_names: list[str], pos_weights: list[float], loss_weights: list[float]) -> None:
         super().__init__()
         self.task_names = list(task_names)
+        for name, values in [("pos_weights", pos_weights), ("loss_weights", loss_weights)]:
+            assert len(values) == len(self.task_names), name
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
 
     def forward(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        weights: torch.Tensor,
-        pos_weights: torch.Tensor,
-        loss_weights: torch.Tensor,
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(labels.shape) != tuple(logits.shape) or weights.shape != labels.shape:
             raise ValueError(
@@ -201,13 +187,13 @@ class MultiTaskLoss(nn.Module):
                 f"model's [B, T={len(self.task_names)}] outputs for tasks {self.task_names}"
             )
         per_example = nn.functional.binary_cross_entropy_with_logits(
-            logits, labels.float(), pos_weight=pos_weights, reduction="none"
+            logits, labels.float(), pos_weight=self.pos_weights, reduction="none"
         )
         weights = weights.float()
         weight_sum = weights.sum(dim=0)
         per_task = (per_example * weights).sum(dim=0) / weight_sum.clamp(min=torch.finfo(torch.float32).tiny)
         per_task = torch.where(weight_sum > 0, per_task, torch.zeros_like(per_task))
-        return (per_task * loss_weights).sum(), per_task
+        return (per_task * self.loss_weights).sum(), per_task
 
 
 class RecapTrainModule(nn.Module):
@@ -218,21 +204,21 @@ class RecapTrainModule(nn.Module):
 
     Args:
         model: the RecapModel.
+        loss: its MultiTaskLoss (`build_loss(config)`), same tasks.
 
     Example:
-        loss, outputs = RecapTrainModule(model)(batch); loss.backward()
+        loss, outputs = RecapTrainModule(model, build_loss(config))(batch); loss.backward()
     """
 
-    def __init__(self, model: RecapModel) -> None:
+    def __init__(self, model: RecapModel, loss: MultiTaskLoss) -> None:
         super().__init__()
+        assert loss.task_names == model.task_names, "the loss and the model must list the same tasks"
         self.model = model
-        self.loss = MultiTaskLoss(model.task_names)
+        self.loss = loss
 
     def forward(self, batch: RecapBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(batch)
-        loss, per_task = self.loss(
-            outputs["logits"], batch.labels, batch.weights, self.model.pos_weights, self.model.loss_weights
-        )
+        loss, per_task = self.loss(outputs["logits"], batch.labels, batch.weights)
         outputs = dict(outputs, labels=batch.labels.float(), weights=batch.weights.float())
         for i, name in enumerate(self.model.task_names):
             outputs[f"loss/{name}"] = per_task[i].detach()
@@ -262,7 +248,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     `model.named_parameters()`.
 
     Example:
-        parameter_groups(RecapTrainModule(model))  # {"backbone": ["model.featurizer.", ...], "fav": [...]}
+        parameter_groups(train_module)  # {"backbone": ["model.featurizer.", ...], "fav": [...]}
     """
     recap, prefix = _unwrap(model)
     backbone = [

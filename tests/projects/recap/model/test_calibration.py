@@ -10,8 +10,8 @@ import torch
 from tml.core.metrics import RankingMetrics
 from tml.projects.home.recap.config.model import ModelConfig
 from tml.projects.home.recap.data.synthetic import generate
-from tml.projects.home.recap.model import RecapTrainModule, build_model
-from tml.projects.home.recap.model.recap_model import odds_correction
+from tml.projects.home.recap.model import RecapTrainModule, build_loss, build_model
+from tml.projects.home.recap.model.heads import odds_correction
 from tml.reader.config import DataConfig, dense_widths
 from tml.reader.dataset import build_dataset
 
@@ -44,7 +44,7 @@ def test_pos_weight_and_downsampling_are_undone_in_the_probabilities(tmp_path):
     )
     torch.manual_seed(0)
     model = build_model(config, dense_widths(train), [], {TASK: (1.0, NEG_RATE)})
-    module = RecapTrainModule(model)
+    module = RecapTrainModule(model, build_loss(config))
     optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
     for batch in itertools.islice(build_dataset(train, [TASK], num_epochs=None), 300):
         loss, _ = module(batch)

@@ -8,11 +8,13 @@ import torch
 from tml.projects.home.recap.config.model import ModelConfig
 from tml.projects.home.recap.model import (
     RecapTrainModule,
+    build_loss,
     build_model,
     embedding_table_prefixes,
     parameter_groups,
 )
-from tml.projects.home.recap.model.recap_model import odds_correction, sanitize
+from tml.projects.home.recap.model.heads import odds_correction
+from tml.projects.home.recap.model.recap_model import sanitize
 from tml.reader.batch import RecapBatch
 
 pytestmark = pytest.mark.unit
@@ -38,6 +40,12 @@ def _model(rates=None, **overrides):
     torch.manual_seed(0)
     config = ModelConfig.model_validate({"tasks": {t: _tower() for t in TASKS}, **overrides})
     return build_model(config, WIDTHS, [], rates or {})
+
+
+def _train_module(model):
+    # pos_weight and loss_weight 1 for every task, as `build_loss` gives for a config that sets neither.
+    tasks = {t: _tower() for t in model.task_names}
+    return RecapTrainModule(model, build_loss(ModelConfig.model_validate({"tasks": tasks})))
 
 
 def test_outputs_follow_config_task_order():
@@ -80,10 +88,12 @@ def test_probabilities_undo_pos_weight_and_downsampling():
     tasks = {"a": _tower(pos_weight=4.0), "b": _tower(pos_weight=2.0)}
     torch.manual_seed(0)
     model = build_model(ModelConfig.model_validate({"tasks": tasks}), WIDTHS, [], {"a": (0.5, 0.1)})
-    torch.testing.assert_close(model.odds_ratios, torch.tensor([0.1 / 0.5 / 4.0, 1.0 / 2.0]))
+    torch.testing.assert_close(model.heads.odds_ratios, torch.tensor([0.1 / 0.5 / 4.0, 1.0 / 2.0]))
     out = model(_batch(n_tasks=2))
     odds = torch.exp(out["logits"])  # the odds the model learned
-    torch.testing.assert_close(out["probabilities"] / (1 - out["probabilities"]), odds * model.odds_ratios)
+    torch.testing.assert_close(
+        out["probabilities"] / (1 - out["probabilities"]), odds * model.heads.odds_ratios
+    )
     # The heads' constants come from the config, never from a checkpoint.
     assert not {"odds_ratios", "pos_weights", "loss_weights"} & set(model.state_dict())
 
@@ -91,10 +101,11 @@ def test_probabilities_undo_pos_weight_and_downsampling():
 def test_loss_weights_pos_weight_and_example_weights():
     tasks = {"a": _tower(pos_weight=3.0, loss_weight=0.5), "b": _tower()}
     torch.manual_seed(0)
-    model = build_model(ModelConfig.model_validate({"tasks": tasks}), WIDTHS, [], {})
+    config = ModelConfig.model_validate({"tasks": tasks})
+    model = build_model(config, WIDTHS, [], {})
     batch = _batch(n_tasks=2)
     batch.weights = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
-    loss, outputs = RecapTrainModule(model)(batch)
+    loss, outputs = RecapTrainModule(model, build_loss(config))(batch)
     z, y, w = outputs["logits"][:, 0].detach(), batch.labels[:, 0], batch.weights[:, 0]
     per_example = -(3.0 * y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z)))
     expected_a = (per_example * w).sum() / w.sum()
@@ -106,7 +117,7 @@ def test_loss_weights_pos_weight_and_example_weights():
 
 def test_train_module_rejects_label_width_mismatch():
     with pytest.raises(ValueError, match=r"do not match the model's \[B, T=3\] outputs"):
-        RecapTrainModule(_model())(_batch(n_tasks=2))
+        _train_module(_model())(_batch(n_tasks=2))
 
 
 @pytest.mark.parametrize("kind", ["share_all", "share_partial"])
@@ -115,7 +126,7 @@ def test_shared_backbone_and_parameter_groups(kind):
     model = _model(multi_task_type=kind, backbone=backbone)
     tower_in = model.towers[sanitize(TASKS[0])].in_features
     assert tower_in == (8 if kind == "share_all" else 8 + 7)
-    train_module = RecapTrainModule(model)
+    train_module = _train_module(model)
     groups = parameter_groups(train_module)
     assert groups["backbone"] == ["model.backbone."]
     assert groups[TASKS[1]] == [f"model.towers.{sanitize(TASKS[1])}."]
@@ -236,7 +247,7 @@ def test_large_embeddings_pool_bags_and_load_pretrained(tmp_path):
         "large_embeddings.ebc.embedding_bags.author.",
     ]
     assert "backbone" not in parameter_groups(model)  # the tables are not in any dense group
-    loss, _ = RecapTrainModule(model)(_batch(n_tasks=1, b=2, sparse=_kjt()))
+    loss, _ = RecapTrainModule(model, build_loss(config))(_batch(n_tasks=1, b=2, sparse=_kjt()))
     loss.backward()
     assert model.large_embeddings.ebc.embedding_bags["user"].weight.grad is not None
 
@@ -319,7 +330,7 @@ def test_production_model_parameter_count_and_step():
 
     batch = _batch(widths, n_tasks=10, b=8)
     batch.dense["continuous"][0, 0] = math.nan
-    loss, outputs = RecapTrainModule(model)(batch)
+    loss, outputs = RecapTrainModule(model, build_loss(config))(batch)
     loss.backward()
     assert torch.isfinite(loss) and outputs["probabilities"].shape == (8, 10)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
