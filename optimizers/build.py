@@ -2,7 +2,9 @@
 
 `build_optimizer` covers the dense parameters: one parameter group per named prefix group, each with its
 own `LearningRate` schedule (a `LambdaLR` with one lambda per group; group lrs are set to 1.0 so the lambda's
-value *is* the learning rate). Parameters owned by fused in-backward table optimizers are skipped.
+value *is* the learning rate). Parameters owned by fused in-backward table optimizers are skipped. With
+`clip_grad_norm` the optimizer clips its parameters' gradients (one global L2 norm over every group) at the
+start of each `step()`, so whoever steps it gets the clipping the config asks for.
 `embedding_optimizer` maps an `EmbeddingOptimizerConfig` to the flat `TableOptimizer` the core's sharding takes.
 
 Example:
@@ -61,7 +63,7 @@ def build_optimizer(
 
     Args:
         named_parameters: (name, parameter) pairs, e.g. `model.named_parameters()`.
-        config: algorithm, default schedule and clipping.
+        config: algorithm, default schedule and clipping (done by the optimizer, before each step).
         groups: group name -> (module-name prefixes, schedule); every trainable parameter must match
             exactly one group. None: one group "default" with `config.learning_rate`.
 
@@ -100,9 +102,20 @@ def build_optimizer(
             weight_decay=algo.weight_decay,
             **_implementation(params, fused_devices=("cpu",)),
         )
+    if config.clip_grad_norm is not None:
+        _clip_before_each_step(optimizer, config.clip_grad_norm)
     lambdas = [(lambda step, s=schedule: learning_rate_at(s, step)) for _, schedule, _ in grouped]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
     return optimizer, scheduler
+
+
+def _clip_before_each_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip(_optimizer, _args, _kwargs) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    optimizer.register_step_pre_hook(clip)
 
 
 def embedding_optimizer(config: EmbeddingOptimizerConfig) -> TableOptimizer:

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import pydantic
 
@@ -24,11 +24,16 @@ from tml.core.config.base import BaseConfig
 _F = pydantic.Field
 
 
+# A learning rate below 0 would climb the loss instead of descending it; 0 (a frozen group, the end of a
+# cosine decay) is allowed.
+Rate = Annotated[float, pydantic.Field(ge=0.0)]
+
+
 class PiecewiseConstant(BaseConfig):
     """`learning_rate_values[i]` while `step < learning_rate_boundaries[i]`, the last value after."""
 
     learning_rate_boundaries: list[int] = _F(description="Strictly increasing step boundaries.")
-    learning_rate_values: list[float] = _F(description="One more value than boundaries.")
+    learning_rate_values: list[Rate] = _F(description="One more value than boundaries, each >= 0.")
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> PiecewiseConstant:
@@ -46,15 +51,15 @@ class PiecewiseConstant(BaseConfig):
 class LinearRampToConstant(BaseConfig):
     """0 at step 0, rising linearly to `learning_rate` at `num_ramp_steps`, constant after."""
 
-    learning_rate: float = _F(description="Learning rate reached at the end of the ramp.")
+    learning_rate: float = _F(ge=0.0, description="Learning rate reached at the end of the ramp.")
     num_ramp_steps: int = _F(ge=1, description="Steps of the linear ramp.")
 
 
 class LinearRampToCosine(BaseConfig):
     """Linear ramp from 0 to `learning_rate`, then a cosine decay to `final_learning_rate`."""
 
-    learning_rate: float = _F(description="Peak learning rate reached at the end of the ramp.")
-    final_learning_rate: float = _F(description="Learning rate at `final_num_steps` and after.")
+    learning_rate: float = _F(ge=0.0, description="Peak learning rate reached at the end of the ramp.")
+    final_learning_rate: float = _F(ge=0.0, description="Learning rate at `final_num_steps` and after.")
     num_ramp_steps: int = _F(ge=1, description="Steps of the linear ramp.")
     final_num_steps: int = _F(description="Step at which the cosine decay ends (> num_ramp_steps).")
 
@@ -73,7 +78,7 @@ class LearningRate(BaseConfig):
     exactly_one_of: ClassVar = (
         ("constant", "piecewise_constant", "linear_ramp_to_constant", "linear_ramp_to_cosine"),
     )
-    constant: float | None = _F(None, description="A fixed learning rate.")
+    constant: float | None = _F(None, ge=0.0, description="A fixed learning rate.")
     piecewise_constant: PiecewiseConstant | None = _F(None, description="Step-wise constant values.")
     linear_ramp_to_constant: LinearRampToConstant | None = _F(None, description="Warm-up then constant.")
     linear_ramp_to_cosine: LinearRampToCosine | None = _F(None, description="Warm-up then cosine decay.")
@@ -106,7 +111,10 @@ class OptimizerConfig(BaseConfig):
     adagrad: AdagradConfig | None = _F(None, description="Adagrad.")
     learning_rate: LearningRate = _F(description="Schedule of the default parameter group.")
     clip_grad_norm: float | None = _F(
-        None, gt=0.0, description="Clip dense gradients to this global L2 norm before each step."
+        None,
+        gt=0.0,
+        description="Clip the gradients of this optimizer's parameters to this global L2 norm before each "
+        "of its steps (build_optimizer installs it on the optimizer).",
     )
 
 

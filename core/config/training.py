@@ -50,7 +50,7 @@ class TrainingConfig(BaseConfig):
     checkpoint_max_to_keep: int = _F(3, ge=1, description="Keep only the newest N checkpoints.")
     train_log_every_n: int = _F(100, ge=1, description="Log train/* metrics every N optimizer steps.")
     num_eval_steps: int | None = _F(
-        None, ge=-1, description="Batches per evaluation and partition; None or -1: one full pass."
+        None, description="Batches per evaluation and partition (> 0); None or -1: one full pass."
     )
     eval_every_n: int | None = _F(
         None, ge=1, description="Evaluate every N optimizer steps (and at the end); None: only at the end."
@@ -94,6 +94,17 @@ class TrainingConfig(BaseConfig):
             "(oversubscribed cores halve CPU training speed)."
         ),
     )
+
+    @pydantic.field_validator("num_eval_steps")
+    @classmethod
+    def _eval_steps(cls, value: int | None) -> int | None:
+        # 0 batches would report metrics of nothing (NaN everywhere).
+        if value is not None and value != -1 and value < 1:
+            raise ValueError(
+                f"{value} would evaluate no batch: use null or -1 for a full pass over each partition, or "
+                "a positive number of batches"
+            )
+        return value
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> TrainingConfig:

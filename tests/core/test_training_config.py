@@ -17,6 +17,17 @@ def test_training_defaults_and_errors():
         TrainingConfig(save_dir="x", num_train_steps=1, eval_timeout_in_s=5)
 
 
+@pytest.mark.parametrize("steps", [0, -2])
+def test_num_eval_steps_that_evaluate_nothing_are_rejected(steps):
+    with pytest.raises(pydantic.ValidationError) as error:
+        TrainingConfig(save_dir="x", num_train_steps=1, num_eval_steps=steps)
+    [problem] = error.value.errors()
+    assert problem["loc"] == ("num_eval_steps",)
+    assert "use null or -1 for a full pass" in problem["msg"] and "a positive number" in problem["msg"]
+    for fine in (None, -1, 1, 500):
+        assert TrainingConfig(save_dir="x", num_train_steps=1, num_eval_steps=fine).num_eval_steps == fine
+
+
 def test_sharding_kernel_combinations():
     assert EmbeddingShardingConfig(sharding_type="row_wise").compute_kernel is None
     with pytest.raises(pydantic.ValidationError, match="data_parallel"):

@@ -137,3 +137,51 @@ def test_fused_kernel_on_cpu_matches_the_reference_loop(algorithm):
             optimizer.step()
     for fast_param, slow_param in zip(fast_model.parameters(), slow_model.parameters(), strict=True):
         torch.testing.assert_close(fast_param, slow_param)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key"),
+    [
+        ({"constant": -0.1}, "constant"),
+        (
+            {"piecewise_constant": {"learning_rate_boundaries": [3], "learning_rate_values": [0.1, -0.1]}},
+            "piecewise_constant.learning_rate_values.1",
+        ),
+        (
+            {"linear_ramp_to_constant": {"learning_rate": -1e-3, "num_ramp_steps": 10}},
+            "linear_ramp_to_constant.learning_rate",
+        ),
+        (
+            {
+                "linear_ramp_to_cosine": {
+                    "learning_rate": 0.1,
+                    "final_learning_rate": -0.01,
+                    "num_ramp_steps": 1,
+                    "final_num_steps": 5,
+                }
+            },
+            "linear_ramp_to_cosine.final_learning_rate",
+        ),
+    ],
+)
+def test_a_negative_learning_rate_is_rejected_naming_its_key(schedule, key):
+    with pytest.raises(pydantic.ValidationError) as error:
+        LearningRate(**schedule)
+    [problem] = error.value.errors()
+    assert ".".join(str(part) for part in problem["loc"]) == key
+    assert "greater than or equal to 0" in problem["msg"]
+    assert LearningRate(constant=0.0).constant == 0.0  # a frozen group is fine
+
+
+def test_clip_grad_norm_is_applied_by_the_optimizer_itself():
+    # Every caller that steps the optimizer gets the clipping the config asks for, loop or not.
+    model = _model()
+    config = OptimizerConfig(sgd={}, learning_rate={"constant": 1.0}, clip_grad_norm=0.5)
+    optimizer, _ = build_optimizer(model.named_parameters(), config)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    optimizer.step()
+    steps = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)])
+    assert steps.norm().item() == pytest.approx(0.5, rel=1e-4)  # lr 1: the step is the clipped gradient
+    assert torch.allclose(steps, steps[0].expand_as(steps))  # one global norm: the direction is kept

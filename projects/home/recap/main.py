@@ -1,4 +1,4 @@
-"""tml-recap: train | evaluate | predict | summary | generate-data | compute-stats.
+"""tml-recap: train | evaluate | predict | summary | generate-data | compute-stats | export | serve | score.
 
 tml-recap train --config projects/home/recap/config/local.yaml training.num_train_steps=100
 torchrun --nproc_per_node=2 -m tml.projects.home.recap.main train --config X.yaml
@@ -13,6 +13,7 @@ from tml.core.config.loader import load_config
 from tml.core.distributed import run_distributed
 from tml.ml_logging.log import get_logger, setup_logging
 from tml.projects.home.recap.config import RecapConfig
+from tml.projects.home.recap.serving import cli as serving
 
 logger = get_logger(__name__)
 
@@ -37,7 +38,6 @@ def train(config: RecapConfig) -> None:
         build.build_train_data(config, env),
         RecapBatch,
         evaluate,
-        config.optimizer.clip_grad_norm,
     )
     run.fit(job, env)
 
@@ -63,6 +63,7 @@ _MODES = {
     "summary": "print the model's structure and parameter counts (no data needed)",
     "generate-data": "write synthetic Parquet data in the config's schema",
     "compute-stats": "compute z-score statistics of the continuous features from train_data",
+    **serving.MODES,
 }
 _ARGS = {  # mode -> (flags, argparse keywords)
     "evaluate": [("--checkpoint", {"help": "a step-N folder or a run folder (default: save_dir's latest)"}),
@@ -77,6 +78,7 @@ _ARGS = {  # mode -> (flags, argparse keywords)
                       ("--validation-fraction", {"type": _fraction, "default": 0.2,
                                                  "help": "rows per validation partition / --num-examples"})],
     "compute-stats": [("--output", {"help": "stats file (default: z_score_log_config.analysis_path)"})],
+    **serving.ARGS,
 }  # fmt: skip
 
 
@@ -85,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="mode", required=True)
     for mode, help_text in _MODES.items():
         p = sub.add_parser(mode, help=help_text)
-        p.add_argument("--config", required=True, help="YAML config (local path or fsspec URL)")
-        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
+        if mode not in serving.ARTIFACT_MODES:  # serve and score read the artifact's own config
+            p.add_argument("--config", required=True, help="YAML config (local path or fsspec URL)")
+            p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
         add_debug_flag(p)
         for flag, keywords in _ARGS.get(mode, []):
             p.add_argument(flag, **keywords)
@@ -104,6 +107,8 @@ def _run(args: argparse.Namespace) -> None:
     from tml.projects.home.recap.data import synthetic
     from tml.projects.home.recap.model import stats
 
+    if args.mode in serving.ARTIFACT_MODES:
+        return serving.run_mode(args)
     config = load_config(RecapConfig, args.config, args.overrides)
     if args.mode == "train":
         run_distributed(lambda: train(config))
@@ -123,6 +128,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.mode == "compute-stats":
         setup_logging(0)
         stats.compute_stats_file(config, args.output)
+    elif args.mode == "export":
+        serving.run_mode(args, config)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,10 @@ class RecapOptimizerConfig(BaseConfig):
     )
     single_task_learning_rate: LearningRate | None = _F(None, description="One schedule for every parameter.")
     clip_grad_norm: float | None = _F(
-        None, gt=0.0, description="Clip dense gradients to this global L2 norm."
+        None,
+        gt=0.0,
+        description="Clip the dense gradients (every parameter outside the large tables) to this global L2 "
+        "norm before each optimizer step; table gradients are not included.",
     )
 
 
