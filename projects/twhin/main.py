@@ -1,51 +1,155 @@
-"""tml-twhin: TwHIN graph embeddings. So far: `generate-data`, synthetic edges with learnable structure.
+"""tml-twhin: train | evaluate | export | neighbors | attach | build-vocab | generate-data.
 
-    tml-twhin generate-data --tables user=424241,tweet=72543 \
-        --relations fav:user:tweet,reply:user:tweet,retweet:user:tweet,magic_recs:user:tweet \
-        --num-edges 1000000 --output data/twhin
-
-Training TwHIN embeddings is not built yet; it comes with its own issue on the same core.
+tml-twhin generate-data --config projects/twhin/config/local.yaml --num-edges 400000 --output data/twhin_local
+tml-twhin train --config projects/twhin/config/local.yaml
+torchrun --nproc_per_node=2 -m tml.projects.twhin.main train --config projects/twhin/config/local.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from tml.core.cli import add_debug_flag, user_errors_as_one_line
-from tml.core.errors import UserError
+from tml.core.config.loader import ConfigError, load_config
+from tml.core.distributed import run_distributed
+from tml.ml_logging.log import get_logger, setup_logging
+from tml.projects.twhin.cli_args import add_arguments, check_generate_args
+from tml.projects.twhin.config import TwhinConfig
+
+logger = get_logger(__name__)
 
 
-def _tables(text: str) -> dict[str, int]:
-    tables = {}
-    for item in text.split(","):
-        name, sep, rows = item.partition("=")
-        if not sep or not rows.strip().isdigit() or int(rows) < 1:
-            raise argparse.ArgumentTypeError(f"--tables: expected NAME=ROWS[,NAME=ROWS...], got '{item}'")
-        tables[name.strip()] = int(rows)
-    return tables
+def train(config: TwhinConfig) -> None:
+    from tml.core import run
+    from tml.projects.twhin import build
+    from tml.projects.twhin.data.batch import TwhinBatch
+    from tml.projects.twhin.evaluate import LinkEvaluator
+
+    env = run.start(config.training)
+    vocabularies = build.build_vocabularies(config)  # a missing vocabulary fails before any sharding
+    train_data = build.build_train_data(config, env, vocabularies)
+    sharded = build.build_sharded(config, env)
+    optimizer, scheduler = build.build_twhin_optimizer(config, sharded)
+    evaluate = LinkEvaluator(config, env, vocabularies) if config.validation_data else None
+    translation = config.model.translation_optimizer
+    clip = translation.clip_grad_norm if translation is not None else None
+    job = run.TrainJob(
+        config, config.training, sharded, optimizer, scheduler, train_data, TwhinBatch, evaluate, clip
+    )
+    run.fit(job, env)
 
 
-def _relations(text: str) -> list[tuple[str, str, str]]:
-    relations = []
-    for item in text.split(","):
-        parts = item.split(":")
-        if len(parts) != 3 or not all(p.strip() for p in parts):
-            raise argparse.ArgumentTypeError(f"--relations: expected NAME:LHS_TABLE:RHS_TABLE, got '{item}'")
-        relations.append(tuple(p.strip() for p in parts))
-    return relations
+def _load(config: TwhinConfig, checkpoint: str | None):
+    from tml.core import run
+    from tml.core.checkpoint import load_weights
+    from tml.projects.twhin import build
+
+    env = run.start(config.training)
+    vocabularies = build.build_vocabularies(config)
+    sharded = build.build_sharded(config, env)
+    step = load_weights(sharded.module, checkpoint or config.training.save_dir)
+    return env, sharded, step, vocabularies
+
+
+def evaluate(config: TwhinConfig, checkpoint: str | None, output: str | None) -> None:
+    from tml.projects.twhin.evaluate import LinkEvaluator, print_table
+
+    if not config.validation_data:
+        raise ConfigError("evaluate: the config has no validation_data partitions to rank")
+    env, sharded, step, vocabularies = _load(config, checkpoint)
+    results = LinkEvaluator(config, env, vocabularies)(sharded.module, step)
+    if env.is_main:
+        path = output or os.path.join(config.training.save_dir, "evaluate", f"step-{step}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"step": step, **results}, f, indent=1)
+        print(print_table(results))
+        logger.info("evaluation of step %d written to %s", step, path)
+
+
+def export(config: TwhinConfig, checkpoint: str | None, output: str, overwrite: bool) -> None:
+    from tml.projects.twhin.export import write_export
+
+    env, sharded, step, _ = _load(config, checkpoint)
+    write_export(config, sharded.module, env, step, output, overwrite)
+    if env.is_main:
+        print(f"exported step {step}: {', '.join(config.table_names())} -> {output}")
+
+
+def neighbors(args: argparse.Namespace) -> None:
+    from tml.projects.twhin.embeddings import load
+
+    emb = load(args.export)
+    query = {"ids": [args.id]} if args.id is not None else {"keys": [args.key]}
+    found = emb.neighbors(
+        args.type, **query, k=args.k, among=args.among, metric=args.metric, backend=args.backend
+    )
+    print(
+        f"{args.metric} neighbours of {args.type} {args.id if args.id is not None else args.key!r} in {found.table}:"
+    )
+    for rank, (row, score) in enumerate(zip(found.ids[0].tolist(), found.scores[0].tolist(), strict=True), 1):
+        key = f"  {found.keys[0][rank - 1]}" if found.keys is not None else ""
+        print(f"{rank:4d}  {row:10d}{key}  {score:.6g}")
+
+
+def attach(args: argparse.Namespace) -> None:
+    from tml.projects.twhin.attach import attach as attach_vectors
+
+    setup_logging(0)
+    stats = attach_vectors(
+        args.export, args.type, args.input, args.id_column, args.name, args.output, args.overwrite
+    )
+    share = 100.0 * stats["unknown"] / max(stats["rows"], 1)
+    print(
+        f"attach: {stats['rows']} rows in {stats['files']} files -> {args.output}; column {args.name!r}; "
+        f"{stats['unknown']} rows ({share:.2f}%) had {args.type} ids the export does not know: zero vectors"
+    )
+
+
+def build_vocab(config: TwhinConfig, output: str | None) -> None:
+    from tml.projects.twhin.data.vocab import build_vocabularies
+
+    setup_logging(0)
+    folder = output or config.train_data.vocabulary
+    if folder is None:
+        raise ConfigError("build-vocab: give --output or set train_data.vocabulary (the folder to write)")
+    inputs = dict.fromkeys([config.train_data.inputs, *(p.inputs for p in config.validation_data.values())])
+    relations = [(r.name, r.lhs, r.rhs) for r in config.model.relations]
+    rows = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
+    sizes = build_vocabularies(list(inputs), relations, rows, folder)
+    print(f"vocabulary -> {folder}: " + ", ".join(f"{table} {n} keys" for table, n in sizes.items()))
+
+
+def generate_data(args: argparse.Namespace) -> None:
+    from tml.projects.twhin.data.synthetic import generate_edges, generate_splits
+
+    setup_logging(0)
+    if args.config is None:
+        generate_edges(args.tables, args.relations, args.num_edges, args.output, args.seed, args.num_files)
+        print(f"wrote {args.num_edges} edges to {args.output}")
+        return
+    config = load_config(TwhinConfig, args.config, args.overrides)
+    # Partitions reading train_data's own files take their edges from it with offset/limit.
+    held_out = [n for n, p in config.validation_data.items() if p.inputs != config.train_data.inputs]
+    splits = {
+        "train": args.num_edges,
+        **{n: int(args.num_edges * args.validation_fraction) for n in held_out},
+    }
+    tables = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
+    relations = [(r.name, r.lhs, r.rhs) for r in config.model.relations]
+    keys = config.train_data.vocabulary is not None
+    written = generate_splits(tables, relations, splits, args.output, args.seed, args.num_files, keys)
+    for split, count in written.items():
+        print(
+            f"{split}: {count} edges{' (string keys)' if keys else ''} -> {os.path.join(args.output, split)}"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tml-twhin", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="mode", required=True)
-    p = sub.add_parser("generate-data", help="write synthetic edges (lhs, rel, rhs) as Parquet")
-    p.add_argument("--tables", type=_tables, required=True, help="entity tables: NAME=ROWS,...")
-    p.add_argument("--relations", type=_relations, required=True, help="relations: NAME:LHS:RHS,...")
-    p.add_argument("--num-edges", type=int, required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-files", type=int, default=2)
-    add_debug_flag(p)
+    add_arguments(parser.add_subparsers(dest="mode", required=True), add_debug_flag)
     return parser
 
 
@@ -56,15 +160,22 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from tml.projects.twhin.data.synthetic import generate_edges
-
-    unknown = sorted({t for _, lhs, rhs in args.relations for t in (lhs, rhs)} - set(args.tables))
-    if unknown:
-        raise UserError(
-            f"--relations name tables {unknown} that --tables does not define ({sorted(args.tables)})"
-        )
-    generate_edges(args.tables, args.relations, args.num_edges, args.output, args.seed, args.num_files)
-    print(f"wrote {args.num_edges} edges to {args.output}")
+    if args.mode == "generate-data":
+        check_generate_args(args)
+        return generate_data(args)
+    if args.mode == "neighbors":
+        return neighbors(args)
+    if args.mode == "attach":
+        return attach(args)
+    config = load_config(TwhinConfig, args.config, args.overrides)
+    if args.mode == "train":
+        run_distributed(lambda: train(config))
+    elif args.mode == "evaluate":
+        run_distributed(lambda: evaluate(config, args.checkpoint, args.output))
+    elif args.mode == "export":
+        run_distributed(lambda: export(config, args.checkpoint, args.output, args.overwrite))
+    elif args.mode == "build-vocab":
+        build_vocab(config, args.output)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ per-relation vector. Edges are sampled by picking the relation and u uniformly, 
 score over `num_candidates` random rows of the rhs table (a sampled softmax keeps the cost O(edges)).
 
 Output: Parquet files `part-NNNNN.parquet` with int64 columns `lhs`, `rel` (index into `relations`), `rhs`
-(row ids in the relation's lhs / rhs table).
+(row ids in the relation's lhs / rhs table). `generate_splits` draws once, drops repeated edges and deals
+the rest at random into disjoint splits (train / valid / test), optionally as string keys
+(`<table>-<id>`, for the vocabulary path).
 
 Example:
     generate_edges({"user": 1000, "tweet": 500}, [("fav", "user", "tweet"), ("follow", "user", "user")],
                    num_edges=100_000, output_dir="/tmp/twhin")
+    generate_splits(tables, relations, {"train": 90_000, "valid": 5_000}, "/tmp/twhin")  # train/, valid/
 """
 
 from __future__ import annotations
@@ -153,3 +156,77 @@ def generate_edges(
                 writer.write_table(pa.table({"lhs": lhs, "rel": rel, "rhs": rhs}, schema=schema))
             if rows == 0:
                 writer.write_table(schema.empty_table())
+
+
+def _write_files(columns: dict[str, np.ndarray | pa.Array], output_dir: str, num_files: int) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    table = pa.table(columns)
+    for file_index in range(num_files):
+        start = table.num_rows * file_index // num_files
+        stop = table.num_rows * (file_index + 1) // num_files
+        path = os.path.join(output_dir, f"part-{file_index:05d}.parquet")
+        pq.write_table(table.slice(start, stop - start), path, row_group_size=_CHUNK)
+
+
+def generate_splits(
+    num_entities: dict[str, int],
+    relations: list[tuple[str, str, str]],
+    split_edges: dict[str, int],
+    output_dir: str,
+    seed: int = 0,
+    num_files: int = 2,
+    string_keys: bool = False,
+    num_candidates: int = 64,
+) -> dict[str, int]:
+    """Write disjoint splits `<output_dir>/<split>/part-NNNNN.parquet` of one latent graph.
+
+    Args:
+        num_entities / relations / seed / num_candidates: as for `generate_edges`.
+        split_edges: split name -> edges wanted. Repeated draws are dropped and more are drawn, so splits
+            hold distinct edges; a graph too small for that many shrinks every split by the same factor.
+        num_files: files per split.
+        string_keys: write `lhs` / `rhs` as keys `<table>-<id>` and `rel` as the relation name.
+
+    Returns:
+        split name -> edges written.
+    """
+    total = sum(split_edges.values())
+    _check(num_entities, relations, total, num_files)
+    graph = latent_graph(num_entities, len(relations), seed)
+    rng = np.random.default_rng([seed, 2])
+    edges = np.zeros((0, 3), np.int64)
+    # Popular rows repeat: draw until there are enough distinct edges, or until draws stop adding new ones.
+    while len(edges) < total:
+        need = min(max(total - len(edges), _CHUNK), 4 * total)
+        parts = [
+            _sample_chunk(rng, graph, relations, min(_CHUNK, need - s), num_candidates)
+            for s in range(0, need, _CHUNK)
+        ]
+        drawn = np.stack([np.concatenate([p[i] for p in parts]) for i in range(3)], axis=1)
+        before = len(edges)
+        edges = np.unique(np.concatenate([edges, drawn]), axis=0)
+        if len(edges) - before < 0.01 * need:
+            break
+    edges = edges[rng.permutation(len(edges))]
+    if len(edges) < total:
+        # A saturated graph: every split shrinks by the same factor.
+        scale = len(edges) / total
+        split_edges = {split: int(wanted * scale) for split, wanted in split_edges.items()}
+    written, start = {}, 0
+    for split, wanted in split_edges.items():
+        chunk = edges[start : start + wanted]
+        start += len(chunk)
+        lhs, rel, rhs = chunk[:, 0], chunk[:, 1], chunk[:, 2]
+        columns: dict = {"lhs": lhs, "rel": rel, "rhs": rhs}
+        if string_keys:
+            names = np.array([name for name, _, _ in relations], dtype=object)
+            lhs_tables = np.array([t for _, t, _ in relations], dtype=object)
+            rhs_tables = np.array([t for _, _, t in relations], dtype=object)
+            columns = {
+                "lhs": pa.array([f"{t}-{i}" for t, i in zip(lhs_tables[rel], lhs, strict=True)]),
+                "rel": pa.array(names[rel].tolist()),
+                "rhs": pa.array([f"{t}-{i}" for t, i in zip(rhs_tables[rel], rhs, strict=True)]),
+            }
+        _write_files(columns, os.path.join(output_dir, split), num_files)
+        written[split] = len(chunk)
+    return written
