@@ -8,7 +8,7 @@ Layout (written by `tml-recap export`, see docs/serving.md):
     program.pt2     the `torch.export` program (dynamic batch dimension), always present (portable)
     compiled.pt2    the AOTInductor package of the same program, when it compiled on the exporting machine
 
-This module imports torch and the standard library only, so an artifact loads where torchrec (and the rest
+This module imports torch, the standard library and `tml.core.errors` only, so an artifact loads where torchrec (and the rest
 of tml's training stack) is absent.
 
 Shapes: B = batch, N_f = ids of sparse feature f.
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tml.core.errors import UserError
+
 FORMAT = "tml-recap-artifact"
 VERSION = 1
 META = "artifact.json"
@@ -37,7 +39,24 @@ RUNTIMES = ("auto", "aoti", "exported_program")
 logger = logging.getLogger(__name__)
 
 
-class ArtifactError(ValueError):
+def sample_inputs(inputs: dict, batch: int, seed: int = 0):
+    """Random (dense, ids, offsets) that fit the schema `inputs`, every id inside its table."""
+    g = torch.Generator().manual_seed(seed)
+    dense = {}
+    for d in inputs["dense"]:
+        if d["dtype"] == "int64":
+            dense[d["name"]] = torch.randint(0, 3, (batch, d["width"]), generator=g)
+        else:
+            dense[d["name"]] = torch.randn(batch, d["width"], generator=g)
+    values, offsets = {}, {}
+    for i, s in enumerate(inputs["sparse"]):
+        lengths = torch.tensor([(row + i) % 3 for row in range(batch)])  # empty rows included
+        offsets[s["name"]] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        values[s["name"]] = torch.randint(0, s["rows"], (int(lengths.sum()),), generator=g)
+    return dense, values, offsets
+
+
+class ArtifactError(UserError, ValueError):
     """An artifact folder that cannot be read, or inputs that do not fit it."""
 
 

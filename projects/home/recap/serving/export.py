@@ -17,37 +17,29 @@ import json
 import os
 import shutil
 import time
+import warnings
 
 import torch
 
 from tml.core.checkpoint import load_weights, resolve_checkpoint
 from tml.core.config.loader import save_config
+from tml.core.errors import UserError
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.model.serving import dense_input_names, sparse_input_rows, to_serving
 from tml.projects.home.recap.serving import artifact as fmt
+from tml.projects.home.recap.serving.outputs import OutputExistsError
 from tml.projects.home.recap.serving.schema import input_schema
 
 logger = get_logger(__name__)
+
+
+class ExportError(UserError, ValueError):
+    """An export the inputs do not allow (a checkpoint of another model, an unknown part, ...)."""
+
+
 COMPILE_MODES = ("auto", "aoti", "none")
 SAMPLE_BATCH = 3  # >= 2: the batch dimension stays symbolic (a size of 1 would be specialised)
-
-
-def sample_inputs(inputs: dict, batch: int, seed: int = 0):
-    """Random (dense, ids, offsets) that fit the schema `inputs`, every id inside its table."""
-    g = torch.Generator().manual_seed(seed)
-    dense = {}
-    for d in inputs["dense"]:
-        if d["dtype"] == "int64":
-            dense[d["name"]] = torch.randint(0, 3, (batch, d["width"]), generator=g)
-        else:
-            dense[d["name"]] = torch.randn(batch, d["width"], generator=g)
-    values, offsets = {}, {}
-    for i, s in enumerate(inputs["sparse"]):
-        lengths = torch.tensor([(row + i) % 3 for row in range(batch)])  # empty rows included
-        offsets[s["name"]] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        values[s["name"]] = torch.randint(0, s["rows"], (int(lengths.sum()),), generator=g)
-    return dense, values, offsets
 
 
 def _export_program(module: torch.nn.Module, inputs: dict) -> torch.export.ExportedProgram:
@@ -60,7 +52,7 @@ def _export_program(module: torch.nn.Module, inputs: dict) -> torch.export.Expor
     # Without this, tracing assumes sizes other than 0 and 1 and the program refuses a batch of one row.
     with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
         return torch.export.export(
-            module, sample_inputs(inputs, SAMPLE_BATCH), dynamic_shapes=(dense, ids, offsets), strict=False
+            module, fmt.sample_inputs(inputs, SAMPLE_BATCH), dynamic_shapes=(dense, ids, offsets), strict=False
         )
 
 
@@ -70,7 +62,10 @@ def _compile(program, path: str, mode: str) -> tuple[str, str | None, float | No
         return "exported_program", "not compiled (--compile none)", None
     start = time.perf_counter()
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=path)
+        with warnings.catch_warnings():
+            # torch's own pytree code, pickling the program's input spec, uses a deprecated check.
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
     except Exception as error:  # no C++ compiler, an op AOTInductor lacks, ...
         if mode == "aoti":
             raise RuntimeError(f"AOTInductor could not compile the program: {error}") from error
@@ -86,11 +81,20 @@ def _compile(program, path: str, mode: str) -> tuple[str, str | None, float | No
 def _prepare_output(output: str, overwrite: bool) -> None:
     if os.path.isdir(output) and os.listdir(output):
         if not overwrite:
-            raise FileExistsError(
-                f"--output {output!r} is not empty: choose a new folder or pass --overwrite"
-            )
+            raise OutputExistsError(f"--output {output!r} is not empty: choose a new folder or pass --overwrite")
     elif os.path.exists(output) and not os.path.isdir(output):
-        raise FileExistsError(f"--output {output!r} is a file, expected a folder for the artifact")
+        raise OutputExistsError(f"--output {output!r} is a file, expected a folder for the artifact")
+
+
+def _check_groups(config: RecapConfig, groups: list[str] | None) -> None:
+    if groups is None:
+        return
+    split = config.model.split_towers
+    known = [] if split is None else list(split.groups)
+    unknown = [g for g in groups if g not in known]
+    if not groups or unknown or len(set(groups)) != len(groups) or "" in groups:
+        have = f"model.split_towers.groups has {known}" if known else "the config has no model.split_towers"
+        raise ExportError(f"--part {','.join(groups)!r}: expected distinct split-tower groups; {have}")
 
 
 def export_checkpoint(
@@ -114,14 +118,21 @@ def export_checkpoint(
     from tml.projects.home.recap.build import build_train_module
 
     if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"--compile {compile_mode!r}: expected one of {COMPILE_MODES}")
+        raise ExportError(f"--compile {compile_mode!r}: expected one of {COMPILE_MODES}")
+    _check_groups(config, groups)
     path = resolve_checkpoint(checkpoint or config.training.save_dir)
     _prepare_output(output, overwrite)
     model = build_train_module(config, embedding_device="meta").model
     tasks = list(config.model.tasks)
     weights = config.ranking_weights()
     serving = to_serving(model, [weights[t] for t in tasks], groups)
-    step = load_weights(serving, path)
+    with warnings.catch_warnings():
+        # DCP warns that it loads in one process without a process group: that is the point here.
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        try:
+            step = load_weights(serving, path)
+        except ValueError as error:  # "checkpoint ... does not fit this model: <tensors>"
+            raise ExportError(f"{error} (is --config the config this checkpoint was trained with?)") from None
     logger.info("loaded %s (step %d) into one process", path, step)
     inputs = input_schema(config.train_data, dense_input_names(model), sparse_input_rows(model))
 
@@ -175,7 +186,7 @@ def _check_program(serving: torch.nn.Module, program, inputs: dict) -> None:
     # Catch a tracing mistake at export time, not in production: eager and exported must agree, at two
     # batch sizes (one of them 1, the size that tracing is most tempted to specialise).
     for batch in (1, 5):
-        sample = sample_inputs(inputs, batch, seed=batch)
+        sample = fmt.sample_inputs(inputs, batch, seed=batch)
         with torch.no_grad():
             expected = serving(*sample)
             got = program.module()(*sample)

@@ -15,15 +15,21 @@ import os
 import pyarrow as pa
 import torch
 
+from tml.core.errors import UserError
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """--output holds another run's files."""
+
 
 def prepare_output(output: str, overwrite: bool) -> None:
     """Create `output`; refuse one that holds part files unless `overwrite` (then remove them)."""
     if os.path.exists(output) and not os.path.isdir(output):
-        raise FileExistsError(f"--output {output!r} is a file, expected a folder")
+        raise OutputExistsError(f"--output {output!r} is a file, expected a folder")
     os.makedirs(output, exist_ok=True)
     parts = sorted(name for name in os.listdir(output) if name.startswith("part-"))
     if parts and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"--output {output!r} already holds {len(parts)} part file(s) ({parts[0]}, ...): another "
             "run's predictions would mix with this one's; choose an empty folder or pass --overwrite"
         )
