@@ -7,6 +7,8 @@ their rows, runs the model once in its own thread (so the event loop keeps readi
 meanwhile) and hands each request its own rows of the outputs. While the model runs, new requests queue
 up, so under load batches grow by themselves; an idle service adds at most `max_wait_ms` to a request.
 When a batch fails, its requests are retried one by one, so one request can never fail another.
+`drain()` (on SIGTERM) closes the batch being gathered at once and stops waiting for company, so requests in
+flight are answered without delay.
 
 Example:
     batcher = DynamicBatcher(run, max_batch_records=1024, max_wait_ms=2.0)
@@ -27,6 +29,7 @@ import torch
 from tml.reader.chunk import TensorChunk
 
 Outputs = dict[str, torch.Tensor]
+_FLUSH = object()  # queued by drain(): close the batch being gathered now
 
 
 @dataclasses.dataclass
@@ -56,15 +59,21 @@ class DynamicBatcher:
         self.max_batch_records = max_batch_records
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch or (lambda rows: None)
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()  # _Pending, _FLUSH, or None (stop)
         self._held: _Pending | None = None
+        self._waiting = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self._task: asyncio.Task | None = None
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return self._queue.qsize() + (self._held is not None)
+        """Requests submitted and not yet handed to the model."""
+        return self._waiting
+
+    def drain(self) -> None:
+        """From now on, batch only what is already waiting (call in the event loop's thread)."""
+        self.max_wait = 0.0
+        self._queue.put_nowait(_FLUSH)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -80,6 +89,7 @@ class DynamicBatcher:
         if chunk.num_rows > self.max_batch_records:
             raise ValueError(f"{chunk.num_rows} rows exceed the batch limit {self.max_batch_records}")
         future = asyncio.get_running_loop().create_future()
+        self._waiting += 1
         await self._queue.put(_Pending(chunk, future))
         return await future
 
@@ -88,6 +98,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         first = self._held if self._held is not None else await self._queue.get()
         self._held = None
+        while first is _FLUSH:
+            first = await self._queue.get()
         if first is None:
             return [], True
         batch, rows = [first], first.chunk.num_rows
@@ -105,6 +117,8 @@ class DynamicBatcher:
                     break
             if item is None:
                 return batch, True
+            if item is _FLUSH:
+                break
             if rows + item.chunk.num_rows > self.max_batch_records:
                 self._held = item
                 break
@@ -112,8 +126,10 @@ class DynamicBatcher:
             rows += item.chunk.num_rows
         return batch, False
 
-    async def _score(self, batch: list[_Pending]) -> None:
+    async def _score(self, batch: list[_Pending], retry: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        if not retry:
+            self._waiting -= len(batch)
         chunk = TensorChunk.concat([item.chunk for item in batch])
         self.on_batch(chunk.num_rows)
         try:
@@ -124,13 +140,15 @@ class DynamicBatcher:
                     batch[0].future.set_exception(error)
                 return
             for item in batch:  # find the request that fails; the others still get their answer
-                await self._score([item])
+                await self._score([item], retry=True)
             return
         start = 0
         for item in batch:
             rows = item.chunk.num_rows
             if not item.future.done():  # the client may have gone away
-                item.future.set_result({name: tensor[start : start + rows] for name, tensor in outputs.items()})
+                item.future.set_result(
+                    {name: tensor[start : start + rows] for name, tensor in outputs.items()}
+                )
             start += rows
 
     async def _loop(self) -> None:

@@ -23,8 +23,14 @@ def _positive(text: str) -> int:
     return value
 
 
-_RUNTIME = ("--runtime", {"choices": ["auto", "aoti", "exported_program"], "default": "auto",
-                          "help": "auto: the AOTInductor package when it loads here, else the exported program"})
+_RUNTIME = (
+    "--runtime",
+    {
+        "choices": ["auto", "aoti", "exported_program"],
+        "default": "auto",
+        "help": "auto: the AOTInductor package when it loads here, else the exported program",
+    },
+)
 ARGS = {  # mode -> (flags, argparse keywords)
     "export": [("--checkpoint", {"help": "a step-N folder or a run folder (default: save_dir's latest)"}),
                ("--output", {"required": True, "help": "artifact folder to write"}),

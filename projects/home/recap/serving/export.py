@@ -52,7 +52,10 @@ def _export_program(module: torch.nn.Module, inputs: dict) -> torch.export.Expor
     # Without this, tracing assumes sizes other than 0 and 1 and the program refuses a batch of one row.
     with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
         return torch.export.export(
-            module, fmt.sample_inputs(inputs, SAMPLE_BATCH), dynamic_shapes=(dense, ids, offsets), strict=False
+            module,
+            fmt.sample_inputs(inputs, SAMPLE_BATCH),
+            dynamic_shapes=(dense, ids, offsets),
+            strict=False,
         )
 
 
@@ -64,7 +67,9 @@ def _compile(program, path: str, mode: str) -> tuple[str, str | None, float | No
     try:
         with warnings.catch_warnings():
             # torch's own pytree code, pickling the program's input spec, uses a deprecated check.
-            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            warnings.filterwarnings(
+                "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+            )
             torch._inductor.aoti_compile_and_package(program, package_path=path)
     except Exception as error:  # no C++ compiler, an op AOTInductor lacks, ...
         if mode == "aoti":
@@ -81,7 +86,9 @@ def _compile(program, path: str, mode: str) -> tuple[str, str | None, float | No
 def _prepare_output(output: str, overwrite: bool) -> None:
     if os.path.isdir(output) and os.listdir(output):
         if not overwrite:
-            raise OutputExistsError(f"--output {output!r} is not empty: choose a new folder or pass --overwrite")
+            raise OutputExistsError(
+                f"--output {output!r} is not empty: choose a new folder or pass --overwrite"
+            )
     elif os.path.exists(output) and not os.path.isdir(output):
         raise OutputExistsError(f"--output {output!r} is a file, expected a folder for the artifact")
 

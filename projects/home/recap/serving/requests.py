@@ -47,7 +47,9 @@ def _check_rows(rows: int, max_records: int) -> None:
     if rows == 0:
         raise RequestError(422, "the request holds no records")
     if rows > max_records:
-        raise RequestError(413, f"{rows} records in one request, at most {max_records} (--max-request-records)")
+        raise RequestError(
+            413, f"{rows} records in one request, at most {max_records} (--max-request-records)"
+        )
 
 
 def _json_table(body: bytes, columns: list[str], max_records: int) -> pa.Table:
@@ -70,7 +72,9 @@ def _json_table(body: bytes, columns: list[str], max_records: int) -> pa.Table:
         try:
             arrays[column] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-            raise RequestError(422, f"column {column!r}: values of mixed or unsupported types ({error})") from None
+            raise RequestError(
+                422, f"column {column!r}: values of mixed or unsupported types ({error})"
+            ) from None
     return pa.table(arrays) if arrays else pa.table({"_": pa.nulls(len(records))})
 
 
@@ -97,7 +101,9 @@ def parse_tasks(text: str | None, tasks: list[str], kind: str) -> list[str]:
     wanted = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in tasks]
     if unknown or not wanted:
-        raise RequestError(422, f"tasks: unknown task(s) {unknown or [text]}; the artifact's tasks are {tasks}")
+        raise RequestError(
+            422, f"tasks: unknown task(s) {unknown or [text]}; the artifact's tasks are {tasks}"
+        )
     return wanted
 
 
@@ -110,7 +116,9 @@ def json_response(outputs: dict, tasks: list[str], wanted: list[str]) -> bytes:
             "probabilities": {task: probabilities[:, tasks.index(task)].tolist() for task in wanted},
         }
     else:
-        document = {"embeddings": {name.removeprefix("embedding/"): t.tolist() for name, t in outputs.items()}}
+        document = {
+            "embeddings": {name.removeprefix("embedding/"): t.tolist() for name, t in outputs.items()}
+        }
     return json.dumps(document).encode()
 
 

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import socket
@@ -81,7 +82,9 @@ class ServeOptions:
 
     def check(self) -> None:
         if self.max_batch_records < 1 or self.max_request_records < 1 or self.max_request_bytes < 1:
-            raise ServeError("--max-batch-records, --max-request-records and --max-request-bytes must be >= 1")
+            raise ServeError(
+                "--max-batch-records, --max-request-records and --max-request-bytes must be >= 1"
+            )
         if self.max_request_records > self.max_batch_records:
             raise ServeError(
                 f"--max-request-records {self.max_request_records} exceeds --max-batch-records "
@@ -135,6 +138,7 @@ class Service:
         self.metrics.queue.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.batcher: DynamicBatcher | None = None
         self.on_load_failure: Callable[[], None] = lambda: None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def load(self) -> None:
         try:
@@ -156,7 +160,10 @@ class Service:
     async def predict(self, body: bytes, content_type: str | None, tasks: str | None) -> tuple[bytes, str]:
         kind = body_format(content_type)
         if len(body) > self.options.max_request_bytes:
-            raise RequestError(413, f"body of {len(body)} bytes, at most {self.options.max_request_bytes} (--max-request-bytes)")
+            raise RequestError(
+                413,
+                f"body of {len(body)} bytes, at most {self.options.max_request_bytes} (--max-request-bytes)",
+            )
         if not self.ready:
             raise RequestError(503, f"not ready: {self.load_error or 'the artifact is loading'}")
         wanted = parse_tasks(tasks, self.tasks, self.meta["kind"])
@@ -178,12 +185,17 @@ class Service:
 
 def build_app(service: Service):
     """The FastAPI app of `service`."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.batcher = DynamicBatcher(
-            service.run, service.options.max_batch_records, service.options.max_wait_ms, service.metrics.batch.observe
+            service.run,
+            service.options.max_batch_records,
+            service.options.max_wait_ms,
+            service.metrics.batch.observe,
         )
         service.batcher.start()
+        service.loop = asyncio.get_running_loop()
         threading.Thread(target=service.load, name="load-artifact", daemon=True).start()
         yield
         service.ready = False
@@ -200,7 +212,10 @@ def build_app(service: Service):
     async def readyz(response: Response) -> dict:
         if not service.ready:
             response.status_code = 503
-            return {"status": "loading" if service.load_error is None else "failed", "error": service.load_error}
+            return {
+                "status": "loading" if service.load_error is None else "failed",
+                "error": service.load_error,
+            }
         return {"status": "ready", "runtime": service.artifact.runtime, "kind": service.meta["kind"]}
 
     @app.get("/metrics")
@@ -217,7 +232,10 @@ def build_app(service: Service):
         try:
             declared = int(request.headers.get("content-length") or 0)
             if declared > service.options.max_request_bytes:
-                raise RequestError(413, f"body of {declared} bytes, at most {service.options.max_request_bytes} (--max-request-bytes)")
+                raise RequestError(
+                    413,
+                    f"body of {declared} bytes, at most {service.options.max_request_bytes} (--max-request-bytes)",
+                )
             body = await request.body()
             content, media = await service.predict(body, content_type, request.query_params.get("tasks"))
             status = 200
@@ -227,7 +245,11 @@ def build_app(service: Service):
             status, content, media = 422, _error(str(error)), "application/json"
         except Exception as error:
             logger.exception("POST /predict failed")
-            status, content, media = 500, _error(f"internal error: {type(error).__name__}: {error}"), "application/json"
+            status, content, media = (
+                500,
+                _error(f"internal error: {type(error).__name__}: {error}"),
+                "application/json",
+            )
         service.metrics.requests.labels(str(status), label).inc()
         if status >= 400:
             service.metrics.errors.labels("client" if status < 500 else "server").inc()
@@ -254,7 +276,9 @@ def serve(options: ServeOptions) -> None:
     try:
         sock.bind((options.host, options.port))
     except OSError as error:
-        raise ServeError(f"--host {options.host} --port {options.port}: cannot listen there: {error}") from None
+        raise ServeError(
+            f"--host {options.host} --port {options.port}: cannot listen there: {error}"
+        ) from None
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         build_app(service),
@@ -263,8 +287,21 @@ def serve(options: ServeOptions) -> None:
         timeout_graceful_shutdown=options.drain_seconds,
         lifespan="on",
     )
-    logger.info("serving %s on http://%s:%d (POST /predict, GET /healthz /readyz /metrics)", options.artifact, options.host, port)
-    server = uvicorn.Server(config)
+    logger.info(
+        "serving %s on http://%s:%d (POST /predict, GET /healthz /readyz /metrics)",
+        options.artifact,
+        options.host,
+        port,
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # SIGTERM / SIGINT: requests waiting for company in the batcher are scored now.
+            if service.batcher is not None and service.loop is not None:
+                service.loop.call_soon_threadsafe(service.batcher.drain)
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     service.on_load_failure = lambda: setattr(server, "should_exit", True)  # an unusable service exits
     server.run(sockets=[sock])
     if service.load_error is not None:
