@@ -95,7 +95,13 @@ class RankMetrics:
         self, scores_pos: torch.Tensor, scores_neg: torch.Tensor, neg_mask: torch.Tensor | None = None
     ) -> None:
         """Add a batch: scores_pos [B], scores_neg [B, K], optional neg_mask [B, K] bool."""
-        r = ranks(scores_pos, scores_neg, neg_mask)
+        self.update_ranks(ranks(scores_pos, scores_neg, neg_mask))
+
+    @torch.no_grad()
+    def update_ranks(self, r: torch.Tensor) -> None:
+        """Add positives whose ranks [B] (1 = best, ties counted half) are already known, e.g. from a full
+        ranking against every candidate."""
+        r = r.detach().to(torch.float64)
         if self._state.device != r.device:
             self._state = self._state.to(r.device)
         hits = [(r <= k).sum(dtype=torch.float64) for k in self.ks]

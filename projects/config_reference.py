@@ -19,9 +19,10 @@ COMMAND = ".venv/bin/python -m tml.projects.config_reference > docs/config_refer
 def roots() -> list[tuple[str, type[pydantic.BaseModel]]]:
     """(title, root config class) of each project's config tree, in the reference's order."""
     from tml.projects.home.recap.config import RecapConfig
+    from tml.projects.twhin.config import TwhinConfig
 
-    # A new project's config tree is one more entry, e.g. ("tml-twhin", TwhinConfig).
-    return [("tml-recap", RecapConfig)]
+    # A new project's config tree is one more entry.
+    return [("tml-recap", RecapConfig), ("tml-twhin", TwhinConfig)]
 
 
 def main() -> None:

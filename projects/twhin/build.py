@@ -146,6 +146,7 @@ def build_batch_builder(config: TwhinConfig, env: DistEnv) -> TwhinBatchBuilder:
         sides=sides(config),
         seed=config.training.seed,
         rank=env.rank,
+        batch_size=data.global_batch_size // env.world_size,
     )
 
 

@@ -43,7 +43,7 @@ from tml.projects.twhin import build
 from tml.projects.twhin.config import ALL_RELATIONS, EdgeInputConfig, TwhinConfig
 from tml.projects.twhin.data.edges import build_edge_dataset
 from tml.projects.twhin.model.operators import pairwise
-from tml.projects.twhin.tables import rank_slice, table_chunks
+from tml.projects.twhin.tables import lookup, rank_slice, table_chunks
 
 logger = get_logger(__name__)
 KS = (1, 3, 10)
@@ -84,35 +84,21 @@ def _gather(tensor: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, tuple[int
 
 def _read_queries(model, dataset, env: DistEnv, limit: int | None) -> Queries:
     ids, vectors = [], []
-    lhs_tables, rhs_tables = model_relation_tables(model)
+    pairs = torch.tensor(model.relation_tables, dtype=torch.int64).reshape(-1, 2)
+    stride = 2 * dataset.plan.batch_size  # the same on every rank (tables.lookup)
     for edges, real in lockstep(dataset, env, limit):
-        rel = edges.rel.cpu()
-        both = lookup_pairs(model, lhs_tables[rel], edges.lhs, rhs_tables[rel], edges.rhs, env)
-        if real and edges.batch_size:
+        rel, b = edges.rel.cpu(), edges.batch_size
+        tables = torch.cat([pairs[rel, 0], pairs[rel, 1]])
+        both = lookup(model, tables, torch.cat([edges.lhs, edges.rhs]), env, stride)
+        if real and b:
             ids.append(torch.stack([edges.rel, edges.lhs, edges.rhs], dim=1).to(env.device))
-            vectors.append(both)
+            vectors.append(torch.cat([both[:b], both[b:]], dim=1))
     dim = model.dim
     local_ids = torch.cat(ids) if ids else torch.zeros(0, 3, dtype=torch.int64, device=env.device)
     local_vec = torch.cat(vectors) if vectors else torch.zeros(0, 2 * dim, device=env.device)
     all_ids, own = _gather(local_ids, env)
     all_vec, _ = _gather(local_vec, env)
     return Queries(all_ids[:, 0], all_ids[:, 1], all_ids[:, 2], all_vec[:, :dim], all_vec[:, dim:], own)
-
-
-def model_relation_tables(model) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = torch.tensor(model.relation_tables, dtype=torch.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
-
-
-@torch.no_grad()
-def lookup_pairs(model, lhs_table, lhs, rhs_table, rhs, env: DistEnv) -> torch.Tensor:
-    """[B, 2 D]: the lhs and rhs vectors of B edges, in one lookup."""
-    from tml.projects.twhin.data.batch import lookup_kjt
-
-    b = len(lhs)
-    kjt = lookup_kjt(model.table_names, torch.cat([lhs_table, rhs_table]), torch.cat([lhs, rhs]).cpu())
-    x = model.embed(kjt.to(env.device))[: 2 * b]
-    return torch.cat([x[:b], x[b:]], dim=1)
 
 
 @dataclasses.dataclass

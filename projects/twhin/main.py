@@ -33,10 +33,9 @@ def train(config: TwhinConfig) -> None:
     sharded = build.build_sharded(config, env)
     optimizer, scheduler = build.build_twhin_optimizer(config, sharded)
     evaluate = LinkEvaluator(config, env, vocabularies) if config.validation_data else None
-    translation = config.model.translation_optimizer
-    clip = translation.clip_grad_norm if translation is not None else None
+    # translation_optimizer.clip_grad_norm is applied by the optimizer itself (optimizers/build.py).
     job = run.TrainJob(
-        config, config.training, sharded, optimizer, scheduler, train_data, TwhinBatch, evaluate, clip
+        config, config.training, sharded, optimizer, scheduler, train_data, TwhinBatch, evaluate
     )
     run.fit(job, env)
 

@@ -35,10 +35,10 @@ def num_chunks(rows: int, env: DistEnv, chunk_size: int) -> int:
 
 
 @torch.no_grad()
-def lookup(model, table: int, ids: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Vectors [n, D] float32 of rows `ids` of table index `table` (a collective of sharded tables)."""
-    tables = torch.full((len(ids),), table, dtype=torch.int64)
-    kjt = lookup_kjt(model.table_names, tables, ids.cpu()).to(env.device)
+def lookup(model, tables: torch.Tensor, ids: torch.Tensor, env: DistEnv, stride: int) -> torch.Tensor:
+    """Vectors [n, D] float32 of rows `ids` of table indices `tables` (a collective of sharded tables:
+    every rank passes the same `stride`, see `lookup_kjt`)."""
+    kjt = lookup_kjt(model.table_names, tables.cpu(), ids.cpu(), stride).to(env.device)
     return model.embed(kjt)[: len(ids)]
 
 
@@ -58,4 +58,5 @@ def table_chunks(
     for chunk in range(num_chunks(rows, env, chunk_size)):
         first = min(stop, start + chunk * chunk_size)
         last = min(stop, first + chunk_size)
-        yield first, lookup(model, table, torch.arange(first, last), env)
+        ids = torch.arange(first, last)
+        yield first, lookup(model, torch.full_like(ids, table), ids, env, chunk_size)

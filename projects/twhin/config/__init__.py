@@ -33,7 +33,10 @@ class TableConfig(BaseConfig):
 
     name: str = _F(min_length=1, description="Entity type, e.g. `user`; relations name it as lhs / rhs.")
     num_embeddings: pydantic.PositiveInt = _F(description="Rows: every id of this type lies in [0, rows).")
-    embedding_dim: pydantic.PositiveInt = _F(description="Vector width; the same for every table.")
+    embedding_dim: pydantic.PositiveInt = _F(
+        multiple_of=4,
+        description="Vector width; the same for every table, a multiple of 4 (FBGEMM's fused kernels).",
+    )
     optimizer: EmbeddingOptimizerConfig = _F(
         description="The table's optimizer, fused into the backward pass where the device has the kernel."
     )
@@ -114,13 +117,6 @@ class TwhinModelConfig(BaseConfig):
                         f"relations[{i}] ({relation.name!r}): {side} table {table!r} is not in "
                         f"embeddings.tables {tables}"
                     )
-        dim = self.embeddings.tables[0].embedding_dim
-        complex_ = [r.name for r in self.relations if r.operator == "complex_diagonal"]
-        if complex_ and dim % 2:
-            raise ValueError(
-                f"relations {complex_}: complex_diagonal splits vectors into real and imaginary halves and "
-                f"needs an even embedding_dim, got {dim}"
-            )
         learned = [r.name for r in self.relations if r.operator != "none"]
         if learned and self.translation_optimizer is None:
             raise ValueError(

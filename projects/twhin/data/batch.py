@@ -42,20 +42,25 @@ from tml.projects.twhin.data.edges import EdgeBatch
 from tml.reader.state import ResumeError
 
 
-def lookup_kjt(keys: Sequence[str], tables: torch.Tensor, ids: torch.Tensor):
-    """A KeyedJaggedTensor of N bags (stride N), bag i holding `ids[i]` under key `keys[tables[i]]`.
+def lookup_kjt(keys: Sequence[str], tables: torch.Tensor, ids: torch.Tensor, stride: int | None = None):
+    """A KeyedJaggedTensor of `stride` bags (default N = len(ids)), bag i < N holding `ids[i]` under key
+    `keys[tables[i]]`, the bags past N empty.
 
-    The embedding bag collection then returns [N, T * D] with bag i's vector in its table's columns and zeros
-    in the others; `TwhinModel.embed` sums the T blocks. With N = 0 one empty bag keeps the stride at 1.
+    The embedding bag collection then returns [stride, T * D] with bag i's vector in its table's columns and
+    zeros in the others; `TwhinModel.embed` sums the T blocks. A fixed stride matters for row-wise sharded
+    tables: their pooled outputs are reduce-scattered, which needs the same number of bags on every rank
+    (a short last batch, or fewer global-negative lookups, would otherwise fail in the backward pass).
     """
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    if not len(ids):
-        lengths = torch.zeros(len(keys), dtype=torch.int32)
-        return KeyedJaggedTensor(keys=list(keys), values=torch.zeros(0, dtype=torch.int64), lengths=lengths)
+    n = len(ids)
+    stride = max(n, 1) if stride is None else stride
+    if stride < n:
+        raise ValueError(f"stride {stride} is smaller than the {n} lookups")
     order = torch.argsort(tables, stable=True)
-    onehot = tables.unsqueeze(0) == torch.arange(len(keys)).unsqueeze(1)  # [T, N]
-    return KeyedJaggedTensor(keys=list(keys), values=ids[order], lengths=onehot.reshape(-1).to(torch.int32))
+    onehot = torch.zeros(len(keys), stride, dtype=torch.int32)
+    onehot[tables, torch.arange(n)] = 1
+    return KeyedJaggedTensor(keys=list(keys), values=ids[order], lengths=onehot.reshape(-1))
 
 
 @dataclasses.dataclass
@@ -109,6 +114,8 @@ class TwhinBatchBuilder:
         in_batch / global_: negatives per side of each kind.
         sides: corrupted sides in order, from ("rhs", "lhs").
         seed / rank: with the batch index, the seed of every draw.
+        batch_size: the most edges a batch holds (the rank's batch size): the lookups always have
+            2 * batch_size + sides * relations * global_ bags, the same on every rank (see `lookup_kjt`).
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class TwhinBatchBuilder:
         sides: Sequence[str],
         seed: int,
         rank: int,
+        batch_size: int | None = None,
     ) -> None:
         self.keys = list(table_names)
         self.lhs_table = torch.tensor([lhs for lhs, _ in relation_tables], dtype=torch.int64)
@@ -129,6 +137,9 @@ class TwhinBatchBuilder:
         self.in_batch, self.global_ = in_batch, global_
         self.sides = tuple(sides)
         self.seed, self.rank = seed, rank
+        self.stride = None
+        if batch_size is not None:
+            self.stride = 2 * batch_size + len(self.sides) * len(relation_tables) * global_
 
     @property
     def num_negatives(self) -> int:
@@ -170,7 +181,7 @@ class TwhinBatchBuilder:
             masks.append(torch.cat(mask_parts, dim=1))
         arange = torch.arange(b)
         return TwhinBatch(
-            lookups=lookup_kjt(self.keys, torch.cat(tables), torch.cat(ids)),
+            lookups=lookup_kjt(self.keys, torch.cat(tables), torch.cat(ids), self.stride),
             rel=rel,
             lhs=lhs,
             rhs=rhs,

@@ -77,6 +77,10 @@ class RelationOperators(nn.Module):
         if unknown:
             raise ValueError(f"unknown relation operators {unknown}; expected one of {list(KINDS)}")
         self.operators = list(operators)
+        if "complex_diagonal" in self.operators and dim % 2:
+            raise ValueError(
+                f"complex_diagonal splits vectors into real and imaginary halves: dim {dim} is odd"
+            )
         self.half = dim // 2
         learned = [i for i, op in enumerate(self.operators) if op != "none"]
         rows = [learned.index(i) if i in learned else 0 for i in range(len(self.operators))]

@@ -77,11 +77,10 @@ def test_inconsistent_configs_are_rejected(override, message):
         load_config(TwhinConfig, LOCAL, [override], env=ENV)
 
 
-def test_complex_needs_an_even_dim():
-    tables = TABLES.replace("embedding_dim: 4", "embedding_dim: 3") % 3
-    relations = "model.relations=[{name: f, lhs: user, rhs: tweet, operator: complex_diagonal}]"
-    with pytest.raises(ConfigError, match=r"complex_diagonal .* needs an even embedding_dim, got 3"):
-        load_config(TwhinConfig, LOCAL, [f"model.embeddings.tables={tables}", relations], env=ENV)
+def test_dims_are_multiples_of_four():
+    tables = TABLES.replace("embedding_dim: 4", "embedding_dim: 6") % 6
+    with pytest.raises(ConfigError, match=r"tables\.0\.embedding_dim: Input should be a multiple of 4"):
+        load_config(TwhinConfig, LOCAL, [f"model.embeddings.tables={tables}"], env=ENV)
 
 
 def test_validation_partitions_take_no_training_keys():

@@ -29,7 +29,7 @@ def config_for(tmp_path, comparator: str, chunk: int) -> TwhinConfig:
             "model": {
                 "embeddings": {
                     "tables": [
-                        {"name": n, "num_embeddings": r, "embedding_dim": 6, "optimizer": sgd}
+                        {"name": n, "num_embeddings": r, "embedding_dim": 8, "optimizer": sgd}
                         for n, r in ROWS.items()
                     ]
                 },
@@ -155,3 +155,13 @@ def test_random_baseline_formula():
         got["random_mrr"], torch.tensor([1.0, 0.75, (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4], dtype=torch.float64)
     )
     torch.testing.assert_close(got["random_hits_at_3"], torch.tensor([1.0, 1.0, 0.75], dtype=torch.float64))
+
+
+def build_model_like(config: TwhinConfig, weights: dict[str, torch.Tensor], relations: torch.Tensor):
+    """An unsharded train module holding the given table weights and relation vectors."""
+    module = build.build_model(config)
+    with torch.no_grad():
+        for name, weight in weights.items():
+            module.model.ebc.embedding_bags[name].weight.copy_(weight)
+        module.model.relations.vectors.copy_(relations)
+    return module
