@@ -3,7 +3,9 @@
 The keys follow the original's `train_data` section (`inputs`, `global_batch_size`, `seg_dense_schema`,
 `tasks`, `evaluation_tasks`, `preprocess.truncate_and_slice`), with additions for Parquet: named scalar
 column groups, sparse id features, id passthrough, shuffling, epochs and background decoding.
-Every option is documented in docs/reader.md.
+`DataSource` holds what every section shares; `DataConfig` (training data) adds shuffling, epochs and id
+columns, `ValidationDataConfig` (a validation partition, read once in file order) adds `evaluation_tasks`;
+each rejects the other's keys with the reason. Every option is documented in docs/reader.md.
 
 Example:
     config = DataConfig(
@@ -17,11 +19,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 
 from tml.core.config.base import BaseConfig
+from tml.core.config.loader import ConfigError
 
 
 class TaskData(BaseConfig):
@@ -79,17 +82,17 @@ def check_segdense_features(
     names = [feature.name for feature in features]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"{source}: duplicate feature names {duplicates}")
+        raise ConfigError(f"{source}: duplicate feature names {duplicates}")
     unknown = sorted(set(renamed_features) - set(names))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"seg_dense_schema.renamed_features names unknown features {unknown}; the features of "
             f"{source} are {names}"
         )
     columns = [renamed_features.get(name, name) for name in names]
     clashing = sorted({column for column in columns if columns.count(column) > 1})
     if clashing:
-        raise ValueError(f"seg_dense_schema.renamed_features maps several features onto columns {clashing}")
+        raise ConfigError(f"seg_dense_schema.renamed_features maps several features onto columns {clashing}")
 
 
 class DenseColumnGroup(BaseConfig):
@@ -169,8 +172,8 @@ class Shuffle(BaseConfig):
     )
 
 
-class DataConfig(BaseConfig):
-    """One data source: where the Parquet files are and how to turn them into RecapBatch-es."""
+class DataSource(BaseConfig):
+    """What every data section holds: the Parquet files, the batch size and how columns become a RecapBatch."""
 
     inputs: str = pydantic.Field(
         description="Glob ('data/train/*.parquet'), directory (all *.parquet below it), single file, or an "
@@ -192,22 +195,10 @@ class DataConfig(BaseConfig):
         default_factory=dict,
         description="Label column name (== task name) -> downsampling rates. Tasks left out have rate 1.",
     )
-    evaluation_tasks: list[str] = pydantic.Field(
-        default_factory=list,
-        description="Tasks the evaluation loop reports metrics for (empty: all the model's tasks).",
-    )
     weight_column: str | None = pydantic.Field(
         None, description="Numeric column of per-example weights (multiplies every task's weight)."
     )
-    id_columns: list[str] = pydantic.Field(
-        default_factory=list,
-        description="Integer columns passed through as int64 [B] tensors in batch.ids (e.g. meta.user_id).",
-    )
     preprocess: Preprocess = pydantic.Field(default_factory=Preprocess, description="Preprocessing.")
-    shuffle: Shuffle = pydantic.Field(default_factory=Shuffle, description="Shuffling of units and rows.")
-    num_epochs: int | None = pydantic.Field(
-        None, gt=0, description="Passes over the data; None repeats forever."
-    )
     num_workers: int = pydantic.Field(2, ge=1, description="Background threads decoding row groups.")
     prefetch_batches: int = pydantic.Field(
         4, ge=1, description="Capacity of the queue of ready batches (bounds memory)."
@@ -218,8 +209,27 @@ class DataConfig(BaseConfig):
         "(dataset.stats['unreadable_files']) and logged instead of failing.",
     )
 
+    # Keys a subclass does not accept -> why (a targeted message instead of the generic unknown-key one).
+    _elsewhere: ClassVar[dict[str, str]] = {}
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _reject_keys_of_the_other_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            reasons: dict[str, list[str]] = {}
+            for key, why in cls._elsewhere.items():
+                if key in data:
+                    reasons.setdefault(why, []).append(key)
+            if reasons:
+                raise ValueError(
+                    "; ".join(
+                        f"{' and '.join(keys)}: not accepted here: {why}" for why, keys in reasons.items()
+                    )
+                )
+        return data
+
     @pydantic.model_validator(mode="after")
-    def _check_consistency(self) -> DataConfig:
+    def _check_consistency(self) -> DataSource:
         dense_names = [group.name for group in self.dense_columns]
         if self.seg_dense_schema is not None and self.seg_dense_schema.features is not None:
             dense_names += [feature.name for feature in self.seg_dense_schema.features]
@@ -244,6 +254,47 @@ class DataConfig(BaseConfig):
         return self
 
 
+class DataConfig(DataSource):
+    """Training data (`train_data`): shuffled each epoch, repeated `num_epochs` times; `predict` reads its
+    id columns."""
+
+    id_columns: list[str] = pydantic.Field(
+        default_factory=list,
+        description="Integer columns passed through as int64 [B] tensors in batch.ids (e.g. meta.user_id); "
+        "`predict` writes them next to the scores.",
+    )
+    shuffle: Shuffle = pydantic.Field(default_factory=Shuffle, description="Shuffling of units and rows.")
+    num_epochs: int | None = pydantic.Field(
+        None, gt=0, description="Passes over the data; None repeats forever."
+    )
+
+    _elsewhere: ClassVar[dict[str, str]] = {
+        "evaluation_tasks": "only validation_data partitions report metrics (set it there)",
+    }
+
+
+_READ_ONCE = (
+    "evaluation reads each partition once per evaluation, in file order (training.num_eval_steps "
+    "evaluates fewer batches)"
+)
+
+
+class ValidationDataConfig(DataSource):
+    """One validation partition (`validation_data.<name>`): each evaluation reads it once, in file order,
+    with examples reweighted by the inverse downsampling rates of its `tasks`."""
+
+    evaluation_tasks: list[str] = pydantic.Field(
+        default_factory=list,
+        description="Tasks whose metrics this partition reports (empty: all the model's tasks).",
+    )
+
+    _elsewhere: ClassVar[dict[str, str]] = {
+        "shuffle": _READ_ONCE,
+        "num_epochs": _READ_ONCE,
+        "id_columns": "evaluation reads no ids (predict writes train_data.id_columns)",
+    }
+
+
 def check_truncation(truncation: TruncateAndSlice, lengths: dict[str, int], source: str) -> None:
     """Each truncation / mask must target an existing feature, no longer than that feature."""
     for feature in ("continuous", "binary"):
@@ -253,14 +304,14 @@ def check_truncation(truncation: TruncateAndSlice, lengths: dict[str, int], sour
             continue
         key = f"preprocess.truncate_and_slice.{feature}_feature_" + ("truncation" if cut else "mask_path")
         if feature not in lengths:
-            raise ValueError(
+            raise ConfigError(
                 f"{key} is set but {source} has no feature named '{feature}' ({sorted(lengths)})"
             )
         if cut is not None and cut > lengths[feature]:
-            raise ValueError(f"{key} = {cut} exceeds the length {lengths[feature]} of feature '{feature}'")
+            raise ConfigError(f"{key} = {cut} exceeds the length {lengths[feature]} of feature '{feature}'")
 
 
-def dense_widths(config: DataConfig) -> dict[str, int]:
+def dense_widths(config: DataSource) -> dict[str, int]:
     """Width of every `batch.dense` tensor, from the config alone (schema files and masks are read)."""
     from tml.reader.schema import resolve_dense_specs
 

@@ -7,7 +7,9 @@ What a row becomes is the decoder's business (tml.reader.decoder); the engine kn
 dense features or KeyedJaggedTensors. Batches hold B = global_batch_size // world_size rows; the last
 batch of each epoch on a rank may be smaller, nothing is dropped.
 
-`build_dataset` is the ranking dataset (RecapBatch-es, tml.reader.ranking) built from a `DataConfig`.
+`build_dataset` is the ranking dataset (RecapBatch-es, tml.reader.ranking) of a `DataConfig` (training data);
+`build_eval_dataset` that of a `ValidationDataConfig` (one pass in file order, reweighted by the inverse
+downsampling rates).
 
 Example:
     dataset = build_dataset(config.train_data, label_names=["is_clicked"], rank=0, world_size=2)
@@ -30,7 +32,8 @@ from typing import Any, Generic, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tml.reader.config import DataConfig
+from tml.core.config.loader import ConfigError
+from tml.reader.config import DataConfig, DataSource, ValidationDataConfig
 from tml.reader.decoder import DataError, Decoder
 from tml.reader.fs import list_inputs, open_input
 from tml.reader.pipeline import BatchIterator, Source
@@ -86,8 +89,9 @@ class ParquetDataset(Generic[BatchT]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if global_batch_size % world_size:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by the world size {world_size}"
+            raise ConfigError(
+                f"global_batch_size {global_batch_size} is not divisible by the world size {world_size}: "
+                f"use a multiple of {world_size}"
             )
         fs, paths = list_inputs(inputs)
         self.stats: dict[str, int] = dict.fromkeys(
@@ -109,7 +113,7 @@ class ParquetDataset(Generic[BatchT]):
                 if rows:
                     units.append(Unit(index, group, rows))
         if num_epochs is None and self.stats["rows"] == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"inputs {inputs!r} hold no rows; with num_epochs None the reader would never yield"
             )
         if len(units) < world_size:
@@ -118,7 +122,7 @@ class ParquetDataset(Generic[BatchT]):
                 "ranks get no data (write smaller row groups or more files)"
             )
             if num_epochs is None:
-                raise ValueError(message)
+                raise ConfigError(message)
             logger.warning(message)
         self.plan = DataPlan(
             inputs=InputFiles.of(readable, row_groups),
@@ -310,30 +314,67 @@ def build_dataset(
     label_names: list[str],
     rank: int = 0,
     world_size: int = 1,
-    apply_downsampling_weights: bool = False,
     num_epochs: int | None = _FROM_CONFIG,
     shuffle: bool = True,
 ) -> ParquetDataset:
     """A ParquetDataset of RecapBatch-es for this rank (batch size global_batch_size // world_size).
 
     Args:
-        config: the data section.
+        config: the training data section.
         label_names: label columns in batch order (matched by name).
         rank / world_size: this reader's share.
-        apply_downsampling_weights: multiply weights by `label/pos_rate + (1-label)/neg_rate` per task.
         num_epochs: overrides config.num_epochs when given (None = endless).
-        shuffle: False reads units and rows in file order (evaluation).
+        shuffle: False reads units and rows in file order (`predict`, `compute-stats`).
     """
-    return ParquetDataset(
-        inputs=config.inputs,
-        decoder=ranking_decoder(config, label_names, apply_downsampling_weights),
-        global_batch_size=config.global_batch_size,
-        rank=rank,
-        world_size=world_size,
+    return _ranking_dataset(
+        config,
+        ranking_decoder(config, label_names, id_columns=config.id_columns),
+        rank,
+        world_size,
         num_epochs=config.num_epochs if num_epochs is _FROM_CONFIG else num_epochs,
         seed=config.shuffle.seed,
         shuffle_units=shuffle and config.shuffle.shuffle_files,
         buffer_size=config.shuffle.buffer_size if shuffle else 0,
+    )
+
+
+def build_eval_dataset(
+    config: ValidationDataConfig, label_names: list[str], rank: int = 0, world_size: int = 1
+) -> ParquetDataset:
+    """A validation partition for this rank: one pass per `iter()`, in file order, each task's weight
+    multiplied by `label/pos_rate + (1-label)/neg_rate` so that metrics refer to the data before sampling."""
+    return _ranking_dataset(
+        config,
+        ranking_decoder(config, label_names, apply_downsampling_weights=True),
+        rank,
+        world_size,
+        num_epochs=1,
+        seed=0,
+        shuffle_units=False,
+        buffer_size=0,
+    )
+
+
+def _ranking_dataset(
+    config: DataSource,
+    decoder: Decoder,
+    rank: int,
+    world_size: int,
+    num_epochs: int | None,
+    seed: int,
+    shuffle_units: bool,
+    buffer_size: int,
+) -> ParquetDataset:
+    return ParquetDataset(
+        inputs=config.inputs,
+        decoder=decoder,
+        global_batch_size=config.global_batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_epochs=num_epochs,
+        seed=seed,
+        shuffle_units=shuffle_units,
+        buffer_size=buffer_size,
         num_workers=config.num_workers,
         prefetch_batches=config.prefetch_batches,
         skip_unreadable_files=config.skip_unreadable_files,

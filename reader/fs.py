@@ -20,6 +20,8 @@ from typing import IO, Any
 
 import fsspec
 
+from tml.core.config.loader import ConfigError
+
 # Protocol -> pip extra of pyproject.toml that brings its fsspec implementation.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hdfs": "hdfs", "viewfs": "hdfs"}
 
@@ -40,7 +42,7 @@ def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
             f"cannot open {url!r}: protocol '{protocol}' is not available ({hint}): {error}"
         ) from error
     except ValueError as error:
-        raise ValueError(f"cannot open {url!r}: {error}") from error
+        raise ConfigError(f"cannot open {url!r}: {error}") from error
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

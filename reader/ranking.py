@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ import torch
 from tml.reader.arrow_to_torch import is_list, numeric, single, to_tensor
 from tml.reader.batch import RecapBatch
 from tml.reader.chunk import TensorChunk
-from tml.reader.config import DataConfig
+from tml.reader.config import DataSource
 from tml.reader.decoder import DataError, location
 from tml.reader.schema import DenseSpec, resolve_dense_specs
 from tml.reader.sparse import SparseSpec, build_kjt, decode_sparse, sparse_type_ok
@@ -241,7 +242,10 @@ class RankingDecoder:
 
 
 def ranking_decoder(
-    config: DataConfig, label_names: list[str], apply_downsampling_weights: bool = False
+    config: DataSource,
+    label_names: list[str],
+    apply_downsampling_weights: bool = False,
+    id_columns: Sequence[str] = (),
 ) -> RankingDecoder:
     """The RankingDecoder of a data section (schema files and masks are read here).
 
@@ -249,6 +253,7 @@ def ranking_decoder(
         config: the data section.
         label_names: label columns in batch order (matched by name).
         apply_downsampling_weights: multiply weights by `label/pos_rate + (1-label)/neg_rate` per task.
+        id_columns: integer columns passed through to `batch.ids`.
     """
     duplicates = sorted({name for name in label_names if label_names.count(name) > 1})
     if duplicates:
@@ -265,7 +270,7 @@ def ranking_decoder(
             labels=tuple(label_names),
             label_rates=tuple(rates) if rates is not None else None,
             weight_column=config.weight_column,
-            id_columns=tuple(config.id_columns),
+            id_columns=tuple(id_columns),
             sparse=tuple(SparseSpec(f.name, f.column, f.num_buckets) for f in config.sparse_features),
             nan_policy=config.preprocess.nan_policy,
         )

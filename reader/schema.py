@@ -1,4 +1,4 @@
-"""What each `batch.dense` tensor is made of, resolved from a DataConfig (schema files and masks read).
+"""What each `batch.dense` tensor is made of, resolved from a data section (schema files and masks read).
 
 A `DenseSpec` says which column(s) feed one dense tensor and how they are cut: a segdense list feature
 ([B, length] -> truncated to [B, truncation] -> gathered by mask indices to [B, width]) or a group of
@@ -19,8 +19,9 @@ import numpy as np
 import pydantic
 import yaml
 
+from tml.core.config.loader import ConfigError
 from tml.reader.config import (
-    DataConfig,
+    DataSource,
     SegDenseFeature,
     check_segdense_features,
     check_truncation,
@@ -62,11 +63,11 @@ def load_segdense_features(schema_path: str) -> list[SegDenseFeature]:
     try:
         raw = yaml.safe_load(read_bytes(schema_path))
     except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"seg_dense_schema.schema_path {schema_path!r}: cannot read: {error}") from error
+        raise ConfigError(f"seg_dense_schema.schema_path {schema_path!r}: cannot read: {error}") from error
     try:
         return pydantic.TypeAdapter(list[SegDenseFeature]).validate_python(raw)
     except pydantic.ValidationError as error:
-        raise ValueError(
+        raise ConfigError(
             f"seg_dense_schema.schema_path {schema_path!r}: expected a list of {{name, length, dtype}}: {error}"
         ) from error
 
@@ -80,20 +81,22 @@ def load_mask(path: str, key: str, limit: int) -> np.ndarray:
         else:
             indices = np.loadtxt(io.StringIO(data.decode().replace(",", " ")), dtype=np.int64, ndmin=1)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{key} {path!r}: cannot read int indices (.npy or .txt): {error}") from error
+        raise ConfigError(f"{key} {path!r}: cannot read int indices (.npy or .txt): {error}") from error
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{key} {path!r}: expected a 1-D array of ints, got {indices.dtype} {indices.shape}")
+        raise ConfigError(
+            f"{key} {path!r}: expected a 1-D array of ints, got {indices.dtype} {indices.shape}"
+        )
     if len(indices) == 0:
-        raise ValueError(f"{key} {path!r}: the mask is empty")
+        raise ConfigError(f"{key} {path!r}: the mask is empty")
     bad = indices[(indices < 0) | (indices >= limit)]
     if len(bad):
-        raise ValueError(f"{key} {path!r}: indices {bad[:5].tolist()} are outside [0, {limit})")
+        raise ConfigError(f"{key} {path!r}: indices {bad[:5].tolist()} are outside [0, {limit})")
     if len(np.unique(indices)) != len(indices):
-        raise ValueError(f"{key} {path!r}: indices repeat")
+        raise ConfigError(f"{key} {path!r}: indices repeat")
     return indices.astype(np.int64)
 
 
-def resolve_dense_specs(config: DataConfig) -> list[DenseSpec]:
+def resolve_dense_specs(config: DataSource) -> list[DenseSpec]:
     """Dense tensors in batch order: segdense features (schema order), then dense column groups."""
     specs = []
     schema = config.seg_dense_schema
@@ -102,11 +105,12 @@ def resolve_dense_specs(config: DataConfig) -> list[DenseSpec]:
         if features is None:
             assert schema.schema_path is not None
             features = load_segdense_features(schema.schema_path)
-            check_segdense_features(features, schema.renamed_features, source=schema.schema_path)
+            source = f"seg_dense_schema.schema_path {schema.schema_path!r}"
+            check_segdense_features(features, schema.renamed_features, source=source)
             group_names = {group.name for group in config.dense_columns}
             clashing = sorted(group_names & {feature.name for feature in features})
             if clashing:
-                raise ValueError(
+                raise ConfigError(
                     f"dense_columns names {clashing} clash with features of {schema.schema_path}"
                 )
         truncation = config.preprocess.truncate_and_slice
@@ -114,7 +118,9 @@ def resolve_dense_specs(config: DataConfig) -> list[DenseSpec]:
             check_truncation(
                 truncation,
                 {feature.name: feature.length for feature in features},
-                source=schema.schema_path or "seg_dense_schema.features",
+                source=f"seg_dense_schema.schema_path {schema.schema_path!r}"
+                if schema.schema_path
+                else "seg_dense_schema.features",
             )
         for feature in features:
             cut = keep = None

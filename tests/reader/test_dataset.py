@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tml.reader.dataset import build_dataset
+from tml.reader.config import ValidationDataConfig
+from tml.reader.dataset import build_dataset, build_eval_dataset
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +26,7 @@ def test_batch_contents_exact(files, rd):
         tasks={"fav": {"neg_downsampling_rate": 0.5}, "click": {"pos_downsampling_rate": 0.25}},
         shuffle={"shuffle_files": False},
     )
-    dataset = build_dataset(config, ["fav", "click"], apply_downsampling_weights=True)
+    dataset = build_dataset(config, ["fav", "click"])
     batches = list(dataset)
     assert [b.batch_size for b in batches] == [8] * 9  # 72 rows
     uid = rd.all_ids(batches)
@@ -41,6 +42,13 @@ def test_batch_contents_exact(files, rd):
         [labels[:, 0] + (1 - labels[:, 0]) / 0.5, labels[:, 1] / 0.25 + 1 - labels[:, 1]], 1
     )
     weights = torch.cat([b.weights for b in batches])
+    torch.testing.assert_close(
+        weights, (1 + u % 3).float()[:, None].expand(-1, 2)
+    )  # training: not reweighted
+    # A validation partition of the same files: one pass in file order, reweighted by the inverse rates.
+    shared = config.model_dump(exclude={"shuffle", "num_epochs", "id_columns"})
+    partition = build_eval_dataset(ValidationDataConfig.model_validate(shared), ["fav", "click"])
+    weights = torch.cat([b.weights for b in partition])
     torch.testing.assert_close(weights, downsampling * (1 + u % 3).float()[:, None])
     assert all(b.sparse is None for b in batches) and batches[0].dense["continuous"].dtype == torch.float32
     assert dataset.stats["files"] == 4 and dataset.stats["rows"] == 72 and dataset.stats["batches"] == 9

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import torch
 
 from tml.core.config.loader import ConfigError
@@ -16,8 +19,8 @@ from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.model import RecapTrainModule, build_loss, build_model, parameter_groups
 from tml.projects.home.recap.model.embeddings import read_pretrained
 from tml.projects.home.recap.model.stratifiers import stratifier_segments
-from tml.reader.config import DataConfig, dense_widths
-from tml.reader.dataset import ParquetDataset, build_dataset
+from tml.reader.config import DataConfig, ValidationDataConfig, dense_widths
+from tml.reader.dataset import ParquetDataset, build_dataset, build_eval_dataset
 
 logger = get_logger(__name__)
 
@@ -147,26 +150,35 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_train_data(config: RecapConfig, env: DistEnv) -> ParquetDataset:
-    try:
-        return build_dataset(config.train_data, task_names(config), env.rank, env.world_size)
-    except FileNotFoundError as error:
-        # The reader names the section's key (`inputs '...' matches no files`); say which section.
-        if str(error).startswith("inputs "):
-            raise FileNotFoundError(f"train_data.{error}") from None
-        raise
-
-
-def build_validation_data(data: DataConfig, config: RecapConfig, env: DistEnv) -> ParquetDataset:
-    # Validation partitions are reweighted by the inverse downsampling rates so metrics stay calibrated.
-    return build_dataset(
-        data,
-        task_names(config),
-        env.rank,
-        env.world_size,
-        apply_downsampling_weights=True,
-        num_epochs=1,
-        shuffle=False,
+    return _named(
+        "train_data", lambda: build_dataset(config.train_data, task_names(config), env.rank, env.world_size)
     )
+
+
+def build_validation_data(config: RecapConfig, env: DistEnv) -> dict[str, ParquetDataset]:
+    """Every validation partition, built once: each evaluation is a new pass (`iter()`) over them. Building
+    them reads every file's footer, so missing files and columns fail before training starts."""
+    return {
+        name: _named(
+            f"validation_data.{name}",
+            lambda data=data: build_eval_dataset(data, task_names(config), env.rank, env.world_size),
+        )
+        for name, data in config.validation_data.items()
+    }
+
+
+_SECTION_KEYS = {*DataConfig.model_fields, *ValidationDataConfig.model_fields}
+
+
+def _named(section: str, build: Callable[[], ParquetDataset]) -> ParquetDataset:
+    # The reader names the key within its section (`inputs '...' matches no files`); say which section.
+    try:
+        return build()
+    except (FileNotFoundError, ConfigError) as error:
+        text = str(error)
+        key = re.match(r"[a-z_]+", text)
+        where = f"{section}." if key and key.group() in _SECTION_KEYS else f"{section}: "
+        raise type(error)(where + text) from None
 
 
 def build_metrics(config: RecapConfig, device: torch.device) -> RankingMetrics:

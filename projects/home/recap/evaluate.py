@@ -14,12 +14,20 @@ from tml.ml_logging.console import eval_tables
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.build import build_metrics, build_validation_data
 from tml.projects.home.recap.config import RecapConfig
+from tml.reader.dataset import ParquetDataset
 
 logger = get_logger(__name__)
 
 
-def validate(config: RecapConfig, module: torch.nn.Module, env: DistEnv, bf16: bool) -> dict[str, float]:
-    """Evaluate each partition: `eval/<partition>/[<segment>/]<task>/<metric>` (reduced over ranks)."""
+def validate(
+    config: RecapConfig,
+    module: torch.nn.Module,
+    env: DistEnv,
+    bf16: bool,
+    datasets: dict[str, ParquetDataset],
+) -> dict[str, float]:
+    """Evaluate each partition (`datasets`, from build_validation_data: one new pass each):
+    `eval/<partition>/[<segment>/]<task>/<metric>` (reduced over ranks)."""
     steps = config.training.num_eval_steps
     steps = None if steps is None or steps < 0 else steps
     results: dict[str, float] = {}
@@ -27,7 +35,7 @@ def validate(config: RecapConfig, module: torch.nn.Module, env: DistEnv, bf16: b
         metrics = build_metrics(config, env.device)
         values = evaluate(
             module,
-            build_validation_data(data, config, env),
+            datasets[name],
             metrics,
             steps,
             env,
@@ -57,7 +65,8 @@ def evaluate_checkpoint(config: RecapConfig, checkpoint: str | None, output: str
     if not config.validation_data:
         raise ConfigError("evaluate: the config has no validation_data partitions to evaluate")
     env, sharded, step = build_for_inference(config, checkpoint)
-    results = validate(config, sharded.module, env, use_bf16(config.training, env))
+    datasets = build_validation_data(config, env)
+    results = validate(config, sharded.module, env, use_bf16(config.training, env), datasets)
     if env.is_main:
         path = output or os.path.join(config.training.save_dir, "evaluate", f"step-{step}.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -25,17 +25,21 @@ def train(config: RecapConfig) -> None:
     from tml.reader.batch import RecapBatch
 
     env = run.start(config.training)
+    train_data = build.build_train_data(config, env)
+    # Built before the model, so that a partition's missing files or columns fail now, not at the first
+    # evaluation hours later.
+    validation = build.build_validation_data(config, env)
     sharded = build.build_sharded(config, env)
     optimizer, scheduler = build.build_recap_optimizer(config, sharded)
     bf16 = run.use_bf16(config.training, env)
-    evaluate = (lambda module, step: validate(config, module, env, bf16)) if config.validation_data else None
+    evaluate = (lambda module, step: validate(config, module, env, bf16, validation)) if validation else None
     job = run.TrainJob(
         config,
         config.training,
         sharded,
         optimizer,
         scheduler,
-        build.build_train_data(config, env),
+        train_data,
         RecapBatch,
         evaluate,
     )

@@ -65,3 +65,13 @@ def test_build_metrics_has_one_segment_per_stratifier():
     metrics = build_metrics(config, torch.device("cpu"))
     assert metrics.segment_names == ["client_web=2"]
     assert metrics.segment_masks is not None
+
+
+def test_optimizer_clip_grad_norm_clips_every_dense_gradient_at_step():
+    # optimizer.clip_grad_norm has one home: the dense optimizer clips before each of its steps.
+    optimizer, _ = _optimizer("model_mlp.yaml", "optimizer.clip_grad_norm=0.25")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert torch.cat([p.grad.flatten() for p in params]).norm().item() == pytest.approx(0.25, rel=1e-4)

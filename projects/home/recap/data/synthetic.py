@@ -23,11 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tml.core.config.loader import ConfigError
 from tml.projects.home.recap.data.features import (
     LATENT_DIM,
     BinaryBlock,
@@ -37,7 +39,7 @@ from tml.projects.home.recap.data.features import (
     IdColumn,
 )
 from tml.projects.home.recap.data.labels import SHARED_LATENT, AucHistogram, LabelModel, base_rate
-from tml.reader.config import DataConfig
+from tml.reader.config import DataConfig, DataSource
 from tml.reader.schema import resolve_dense_specs
 
 DEFAULT_VOCAB = 100_000
@@ -88,13 +90,13 @@ def _make_block(
     return EmbeddingBlock.create(rng, spec.length)
 
 
-def _check_columns(config: DataConfig, dense: list[_Dense]) -> None:
+def _check_columns(config: DataSource, dense: list[_Dense], id_columns: Sequence[str]) -> None:
     """Every file column has one role (a sparse feature may share its column with an id column)."""
     roles: dict[str, str] = {}
 
     def claim(column: str, role: str) -> None:
         if column in roles and {roles[column], role} != {"sparse feature", "id column"}:
-            raise ValueError(f"column {column!r} is both a {roles[column]} and a {role}; give it one role")
+            raise ConfigError(f"column {column!r} is both a {roles[column]} and a {role}; give it one role")
         roles.setdefault(column, role)
 
     for source in dense:
@@ -102,7 +104,7 @@ def _check_columns(config: DataConfig, dense: list[_Dense]) -> None:
             claim(column, f"dense feature ({source.name})")
     for feature in config.sparse_features:
         claim(feature.column, "sparse feature")
-    for column in dict.fromkeys(config.id_columns):
+    for column in dict.fromkeys(id_columns):
         claim(column, "id column")
     for task in config.tasks:
         claim(task, "label (tasks key)")
@@ -110,23 +112,24 @@ def _check_columns(config: DataConfig, dense: list[_Dense]) -> None:
         claim(config.weight_column, "weight_column")
 
 
-def build_world(config: DataConfig, seed: int) -> _World:
-    """The generating model of `config` for `seed` (deterministic), calibrated on a fresh sample."""
+def build_world(config: DataSource, seed: int, id_columns: Sequence[str] | None = None) -> _World:
+    """The generating model of `config` for `seed` (deterministic), calibrated on a fresh sample; id columns
+    `id_columns` (None: the training section's own)."""
+    if id_columns is None:
+        id_columns = config.id_columns if isinstance(config, DataConfig) else []
     rng = np.random.default_rng([seed, 0])
     dense = [
         _Dense(spec.name, spec.columns, spec.is_list, spec.dtype, spec.length, _make_block(rng, spec))
         for spec in resolve_dense_specs(config)
     ]
-    _check_columns(config, dense)
+    _check_columns(config, dense, id_columns)
     vocab: dict[str, int] = {}
     for feature in config.sparse_features:
         # Several features may read one column with different bucket counts: keep ids within all of them.
         size = min(feature.num_buckets or DEFAULT_VOCAB, MAX_VOCAB)
         vocab[feature.column] = min(vocab.get(feature.column, size), size)
     sparse = {column: IdColumn.create(rng, size) for column, size in vocab.items()}
-    ids = {
-        c: IdColumn.create(rng, DEFAULT_VOCAB) for c in dict.fromkeys(config.id_columns) if c not in sparse
-    }
+    ids = {c: IdColumn.create(rng, DEFAULT_VOCAB) for c in dict.fromkeys(id_columns) if c not in sparse}
     tasks = list(config.tasks)
     rates = np.array(
         [[config.tasks[t].neg_downsampling_rate, config.tasks[t].pos_downsampling_rate] for t in tasks]
@@ -237,7 +240,7 @@ def _split(rows: int, step: int) -> list[int]:
 
 
 def generate(
-    config: DataConfig,
+    config: DataSource,
     num_examples: int,
     output_dir: str,
     seed: int = 0,
@@ -245,6 +248,7 @@ def generate(
     rows_per_row_group: int = 16384,
     progress: bool = True,
     split: int = 0,
+    id_columns: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Write `num_examples` rows (before downsampling) as `num_files` Parquet files; return oracle AUCs.
 
@@ -258,16 +262,17 @@ def generate(
         progress: show progress (a bar on a terminal, log lines otherwise).
         split: which sample of the same generating model to draw: train and validation data share `seed`
             (so they share the label function) and differ in `split`.
+        id_columns: id columns written (None: the training section's own `id_columns`).
 
     Returns:
         task -> AUC of the true probability against the drawn labels (the best any model can reach).
     """
     if num_examples < 0 or num_files < 1 or rows_per_row_group < 1:
-        raise ValueError(
+        raise ConfigError(
             f"need num_examples >= 0, num_files >= 1, rows_per_row_group >= 1; got {num_examples}, "
             f"{num_files}, {rows_per_row_group}"
         )
-    world = build_world(config, seed)
+    world = build_world(config, seed, id_columns)
     auc = AucHistogram(len(world.tasks))
     os.makedirs(output_dir, exist_ok=True)
     bar = None
@@ -313,7 +318,7 @@ class SplitSummary:
 
 def generate_splits(
     train: DataConfig,
-    validation: dict[str, DataConfig],
+    validation: dict[str, DataSource],
     num_examples: int,
     output: str,
     seed: int = 0,
@@ -322,8 +327,9 @@ def generate_splits(
     """`tml-recap generate-data`: `<output>/train` and `<output>/<partition>` for every validation partition,
     each in its own section's schema and downsampling.
 
-    Every split shares the seed, hence the label function, and draws different rows (`split`). A
-    validation partition draws `num_examples * validation_fraction` rows (at least one).
+    Every split shares the seed, hence the label function, and draws different rows (`split`); every split
+    holds train_data's id columns (`predict` reads them from whatever it scores). A validation partition
+    draws `num_examples * validation_fraction` rows (at least one).
     """
     if not 0 < validation_fraction <= 1:
         raise ValueError(f"--validation-fraction must be in (0, 1], got {validation_fraction}")
@@ -334,7 +340,7 @@ def generate_splits(
     summaries = []
     for index, (name, data, count) in enumerate(splits):
         folder = os.path.join(output, name)
-        oracle = generate(data, count, folder, seed=seed, split=index)
+        oracle = generate(data, count, folder, seed=seed, split=index, id_columns=train.id_columns)
         kept = sum(
             pq.ParquetFile(os.path.join(folder, entry)).metadata.num_rows
             for entry in os.listdir(folder)

@@ -18,6 +18,7 @@ import fsspec
 import torch
 from torch import nn
 
+from tml.core.config.loader import ConfigError
 from tml.projects.home.recap.model.mlp import LayerNorm
 
 
@@ -137,10 +138,13 @@ def read_pretrained(uri: str, emb_name: str, shape: tuple[int, int]) -> torch.Te
         data = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or emb_name not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise KeyError(f"{uri}: no tensor {emb_name!r} (pretrained.emb_name); found {keys}")
+        raise ConfigError(f"{uri}: no tensor {emb_name!r} (pretrained.emb_name); found {keys}")
     tensor = data[emb_name]
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{uri}: {emb_name!r} has shape {tuple(tensor.shape)}, the table needs {shape}")
+        raise ConfigError(
+            f"{uri}: {emb_name!r} has shape {tuple(tensor.shape)}, the table needs {shape} "
+            "(pretrained.emb_name, num_embeddings x embedding_dim)"
+        )
     return tensor
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import fsspec
 import torch
 
+from tml.core.config.loader import ConfigError
 from tml.ml_logging.log import get_logger
 from tml.reader.batch import RecapBatch
 
@@ -69,16 +70,23 @@ def compute_continuous_stats(batches: Iterable[RecapBatch], feature: str = "cont
 def compute_stats_file(config, output: str | None) -> str:
     """`tml-recap compute-stats`: stats of `config.train_data` (one pass) to `output` or the path the
     config's z_score_log_config reads; returns the path."""
-    from tml.core.config.loader import ConfigError
+    from tml.reader.config import dense_widths
     from tml.reader.dataset import build_dataset
 
     z = config.model.featurization_config.z_score_log_config
     path = output or (z.analysis_path if z is not None else None)
     if path is None:
         raise ConfigError("compute-stats: give --output or set model.featurization_config.z_score_log_config")
-    save_stats(
-        compute_continuous_stats(build_dataset(config.train_data, [], num_epochs=1, shuffle=False)), path
-    )
+    widths = dense_widths(config.train_data)
+    if "continuous" not in widths:
+        raise ConfigError(
+            f"compute-stats: train_data has no dense tensor 'continuous' to take statistics of (its dense "
+            f"tensors: {sorted(widths)}; seg_dense_schema / dense_columns)"
+        )
+    dataset = build_dataset(config.train_data, [], num_epochs=1, shuffle=False)
+    if dataset.stats["rows"] == 0:
+        raise ConfigError(f"compute-stats: train_data.inputs {config.train_data.inputs!r} hold no rows")
+    save_stats(compute_continuous_stats(dataset), path)
     logger.info("statistics of %s written to %s", config.train_data.inputs, path)
     return path
 
@@ -96,13 +104,18 @@ def load_stats(path: str) -> ContinuousStats:
             data = json.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: stats file not found (run `tml-recap compute-stats`)") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON stats file ({e})") from e
-    missing = {"mean", "std", "count"} - set(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} (z_score_log_config.analysis_path): not a JSON stats file ({e})") from e
+    missing = {"mean", "std", "count"} - set(data) if isinstance(data, dict) else {"mean", "std", "count"}
     if missing:
-        raise ValueError(f"{path}: stats file lacks keys {sorted(missing)}")
+        raise ConfigError(
+            f"{path} (z_score_log_config.analysis_path): stats file lacks keys {sorted(missing)} "
+            "(write it with `tml-recap compute-stats`)"
+        )
     if not len(data["mean"]) == len(data["std"]) == len(data["count"]):
-        raise ValueError(f"{path}: mean, std and count have different lengths")
+        raise ConfigError(
+            f"{path} (z_score_log_config.analysis_path): mean, std and count have different lengths"
+        )
     return ContinuousStats(
         [float(v) for v in data["mean"]],
         [float(v) for v in data["std"]],

@@ -23,7 +23,8 @@ def _features(user_buckets, author_buckets="500", section="train_data"):
 
 def test_num_buckets_up_to_the_table_size_is_accepted():
     for buckets in ("1000", "10"):
-        config = load_config(RecapConfig, EMBEDDINGS, [_features(buckets)], env={})
+        both = [_features(buckets), _features(buckets, section="validation_data.valid")]
+        config = load_config(RecapConfig, EMBEDDINGS, both, env={})
         assert config.train_data.sparse_features[0].num_buckets == int(buckets)
 
 
@@ -49,5 +50,6 @@ def test_a_sparse_feature_no_table_reads_needs_no_bound():
         "train_data.sparse_features=[{name: user_id, column: meta.user_id, num_buckets: 10}, "
         "{name: author_id, column: meta.author_id, num_buckets: 10}, {name: other, column: meta.tweet_id}]"
     )
-    config = load_config(RecapConfig, EMBEDDINGS, [extra], env={})
+    both = [extra, extra.replace("train_data", "validation_data.valid", 1)]
+    config = load_config(RecapConfig, EMBEDDINGS, both, env={})
     assert config.train_data.sparse_features[2].num_buckets is None

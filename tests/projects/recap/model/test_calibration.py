@@ -12,8 +12,8 @@ from tml.projects.home.recap.config.model import ModelConfig
 from tml.projects.home.recap.data.synthetic import generate
 from tml.projects.home.recap.model import RecapTrainModule, build_loss, build_model
 from tml.projects.home.recap.model.heads import odds_correction
-from tml.reader.config import DataConfig, dense_widths
-from tml.reader.dataset import build_dataset
+from tml.reader.config import DataConfig, ValidationDataConfig, dense_widths
+from tml.reader.dataset import build_dataset, build_eval_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ POS_WEIGHT = 4.0
 NEG_RATE = 0.5
 
 
-def _data(path: str) -> DataConfig:
-    return DataConfig.model_validate(
+def _data(path: str, kind=DataConfig):
+    return kind.model_validate(
         {
             "inputs": f"{path}/*.parquet",
             "global_batch_size": 1024,
@@ -36,7 +36,7 @@ def _data(path: str) -> DataConfig:
 
 
 def test_pos_weight_and_downsampling_are_undone_in_the_probabilities(tmp_path):
-    train, valid = _data(str(tmp_path / "train")), _data(str(tmp_path / "valid"))
+    train, valid = _data(str(tmp_path / "train")), _data(str(tmp_path / "valid"), ValidationDataConfig)
     generate(train, 40_000, str(tmp_path / "train"), seed=3, progress=False, split=0)
     generate(valid, 40_000, str(tmp_path / "valid"), seed=3, progress=False, split=1)
     config = ModelConfig.model_validate(
@@ -55,9 +55,7 @@ def test_pos_weight_and_downsampling_are_undone_in_the_probabilities(tmp_path):
     corrected, downsampling_only = RankingMetrics([TASK]), RankingMetrics([TASK])
     module.eval()
     with torch.no_grad():
-        for batch in build_dataset(
-            valid, [TASK], apply_downsampling_weights=True, num_epochs=1, shuffle=False
-        ):
+        for batch in build_eval_dataset(valid, [TASK]):
             _, outputs = module(batch)
             corrected.update(batch, outputs)
             # What the probabilities were before pos_weight was undone: only the downsampling correction.

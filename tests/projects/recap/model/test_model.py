@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tml.core.config.loader import ConfigError
 from tml.projects.home.recap.config.model import ModelConfig
 from tml.projects.home.recap.model import (
     RecapTrainModule,
@@ -255,7 +256,7 @@ def test_large_embeddings_pool_bags_and_load_pretrained(tmp_path):
     assert meta.large_embeddings.ebc.embedding_bags["user"].weight.is_meta
     bad = config.model_copy(deep=True)
     bad.large_embeddings.tables[0].pretrained.emb_name = "nope"
-    with pytest.raises(KeyError, match=r"snap.pt: no tensor 'nope'"):
+    with pytest.raises(ConfigError, match=r"snap.pt: no tensor 'nope'"):
         build_model(bad, WIDTHS, ["user_id", "author_id"], {})
 
 
@@ -288,9 +289,9 @@ PROD = {
     "multi_task_type": "share_all",
     "featurization_config": {
         "double_norm_log_config": {
-            "batch_norm_config": {"affine": False, "momentum": 0.01},
+            "batch_norm_config": {"affine": True, "momentum": 0.01},
             "clip_magnitude": 5.0,
-            "layer_norm_config": {"epsilon": 1e-5, "axis": -1, "center": True, "scale": True},
+            "layer_norm_config": {"epsilon": 0.0, "axis": -1, "center": True, "scale": True},
         },
         "feature_names_to_concat": ["binary"],
     },
@@ -311,14 +312,15 @@ def test_production_model_parameter_count_and_step():
     widths = {"continuous": 2117, "binary": 59, "discrete": 320, **dict.fromkeys(TWHIN, 200)}
     model = build_model(config, widths, [], {t: (1.0, 0.01) for t in PROD_TASKS})
     c, b, v, agg, out, hidden = 2117, 59, 200, 1024, 1024, 2048
-    block_ln = 2 * (c + b)  # LayerNorm weight + bias over [continuous, binary]; BatchNorm has no affine
+    batch_norm = 2 * c  # the featurizer's affine BatchNorm: weight + bias per continuous feature
+    block_ln = 2 * (c + b)  # LayerNorm weight + bias over [continuous, binary]
     twhin_ln = 3 * 2 * v
     i = c + b + 3 * v  # backbone input width: 2776
     mask_block = (i * agg + agg) + (agg * i + i) + (i * out + out) + 2 * out  # mask, projection, hidden, LN
     backbone = 4 * mask_block + (4 * out * hidden + hidden)
     tower = (hidden * 256 + 256) + (256 * 128 + 128) + (128 * 1 + 1)  # tower BatchNorms have no affine
-    expected = block_ln + twhin_ln + backbone + 10 * tower
-    assert expected == 48_110_874
+    expected = batch_norm + block_ln + twhin_ln + backbone + 10 * tower
+    assert expected == 48_115_108
     assert sum(p.numel() for p in model.parameters()) == expected
     dropouts = {
         t: [m.p for m in model.towers[sanitize(t)].modules() if isinstance(m, torch.nn.Dropout)]
@@ -336,6 +338,18 @@ def test_production_model_parameter_count_and_step():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     # r = 0.01: calibrated probabilities are far below the training-distribution sigmoid.
     assert (outputs["probabilities"] < torch.sigmoid(outputs["logits"])).all()
+
+
+def test_prod_yaml_is_the_production_model():
+    # So the count derived above is prod.yaml's (tml-recap summary prints it: tests/projects/recap/test_main.py).
+    import pathlib
+
+    from tml.core.config.loader import load_config
+    from tml.projects.home.recap.config import RecapConfig
+
+    prod = pathlib.Path(__file__).resolve().parents[4] / "projects/home/recap/config/prod.yaml"
+    shipped = load_config(RecapConfig, str(prod), env={}).model
+    assert shipped.model_dump() == ModelConfig.model_validate(PROD).model_dump()
 
 
 def test_dense_only_model_does_not_import_torchrec():
