@@ -62,7 +62,8 @@ class Dlrm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bottom = self.bottom_mlp(x[:, : self.dense_width])
-        vectors = x[:, self.dense_width :].reshape(x.shape[0], self.num_vectors, self.embedding_dim)
+        # unflatten, not reshape: always a view, so an exported program does not specialise the batch size.
+        vectors = x[:, self.dense_width :].unflatten(1, (self.num_vectors, self.embedding_dim))
         stacked = torch.cat([bottom.unsqueeze(1), vectors], dim=1)  # [B, N+1, E]
         dots = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, N+1, N+1]
         interactions = dots[:, self._rows, self._cols]

@@ -11,8 +11,9 @@ Endpoints:
 The artifact loads in the background after the port is open (so /healthz answers during a slow load).
 Requests are decoded by the reader's ranking decoder (serving/schema.py), batched (serving/batcher.py) and
 answered in their own format. A bad request gets a 4xx naming the field and changes nothing else; an
-unexpected error gets a 500 and is logged. SIGTERM / SIGINT: stop accepting connections, answer the
-requests in flight (at most `drain_seconds`), then exit 0.
+unexpected error gets a 500 and is logged. SIGTERM / SIGINT: stop accepting connections, score what waits
+in the batcher at once, answer the requests in flight (at most `drain_seconds`), log "drained; stopped",
+then end the process with the signal it caught (uvicorn's way: status 143 in a shell for SIGTERM).
 
 Example:
     serve(ServeOptions(artifact="artifacts/local", port=8080))

@@ -53,4 +53,5 @@ def local_run(tmp_path_factory):
         "run": tmp / "runs" / "local",
         "predictions": tmp / "preds" / "part-00000.parquet",
         "artifact": artifact,
+        "export": lambda *args: recap(env, "export", "--config", LOCAL, *TINY, *args),
     }
