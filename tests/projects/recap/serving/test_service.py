@@ -12,13 +12,16 @@ import sys
 import threading
 import time
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.slow
+# The `serve` extra (pip install -e ".[serve]"; CI installs it).
+httpx = pytest.importorskip("httpx")
+for _module in ("fastapi", "uvicorn", "prometheus_client"):
+    pytest.importorskip(_module)
 TASKS = [
     "recap.engagement.is_favorited",
     "recap.engagement.is_retweeted",
