@@ -146,35 +146,39 @@ def export_checkpoint(
     tmp = f"{output.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    start = time.perf_counter()
-    program = _export_program(serving, inputs)
-    export_seconds = time.perf_counter() - start
-    torch.export.save(program, os.path.join(tmp, fmt.PROGRAM))
-    _check_program(serving, program, inputs)
-    runtime, note, compile_seconds = _compile(program, os.path.join(tmp, fmt.COMPILED), compile_mode)
-    meta = {
-        "format": fmt.FORMAT,
-        "version": fmt.VERSION,
-        "kind": "ranker" if groups is None else "embeddings",
-        "runtime": runtime,
-        "runtime_note": note,
-        "inputs": inputs,
-        "outputs": ["logits", "probabilities", "score"]
-        if groups is None
-        else [f"embedding/{g}" for g in groups],
-        "tasks": tasks,
-        "ranking_weights": {t: weights[t] for t in tasks},
-        "heads": model.heads.describe(),
-        "groups": groups,
-        "embedding_widths": _embedding_widths(model, groups),
-        "checkpoint": {"path": os.path.abspath(path), "step": step},
-        "torch_version": torch.__version__,
-        "export_seconds": round(export_seconds, 2),
-        "compile_seconds": None if compile_seconds is None else round(compile_seconds, 2),
-    }
-    with open(os.path.join(tmp, fmt.META), "w") as f:
-        json.dump(meta, f, indent=1)
-    save_config(config, os.path.join(tmp, "config.yaml"))
+    try:
+        start = time.perf_counter()
+        program = _export_program(serving, inputs)
+        export_seconds = time.perf_counter() - start
+        torch.export.save(program, os.path.join(tmp, fmt.PROGRAM))
+        _check_program(serving, program, inputs)
+        runtime, note, compile_seconds = _compile(program, os.path.join(tmp, fmt.COMPILED), compile_mode)
+        meta = {
+            "format": fmt.FORMAT,
+            "version": fmt.VERSION,
+            "kind": "ranker" if groups is None else "embeddings",
+            "runtime": runtime,
+            "runtime_note": note,
+            "inputs": inputs,
+            "outputs": ["logits", "probabilities", "score"]
+            if groups is None
+            else [f"embedding/{g}" for g in groups],
+            "tasks": tasks,
+            "ranking_weights": {t: weights[t] for t in tasks},
+            "heads": model.heads.describe(),
+            "groups": groups,
+            "embedding_widths": _embedding_widths(model, groups),
+            "checkpoint": {"path": os.path.abspath(path), "step": step},
+            "torch_version": torch.__version__,
+            "export_seconds": round(export_seconds, 2),
+            "compile_seconds": None if compile_seconds is None else round(compile_seconds, 2),
+        }
+        with open(os.path.join(tmp, fmt.META), "w") as f:
+            json.dump(meta, f, indent=1)
+        save_config(config, os.path.join(tmp, "config.yaml"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written artifact left behind
+        raise
     if os.path.exists(output):
         shutil.rmtree(output)
     os.rename(tmp, output)

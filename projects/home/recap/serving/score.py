@@ -36,7 +36,10 @@ def score_files(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     artifact = load_artifact(artifact_path, runtime)
-    fs, files = list_inputs(inputs)
+    try:
+        fs, files = list_inputs(inputs)
+    except FileNotFoundError as error:  # the reader names its own key, `inputs`
+        raise FileNotFoundError(f"--input: {error}") from None
     prepare_output(output, overwrite)
     plan = decode_plan(artifact.meta["inputs"], with_ids=True)
     path = os.path.join(output, "part-00000.parquet")
