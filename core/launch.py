@@ -12,9 +12,9 @@ and exited 0, torchrun's failure report otherwise. A second signal falls back to
 wait `--shutdown-timeout`, kill). A signal sent to one worker needs no launcher: the ranks agree to stop, save
 and exit 0, and so does torchrun.
 
-Example:
-    tml-torchrun --nproc_per_node=8 -m tml.projects.home.recap.main train --config prod.yaml
-    python -m tml.core.launch --nproc_per_node=2 -m tml.projects.home.recap.main train --config local.yaml
+Example (any entry point torchrun takes):
+    tml-torchrun --nproc_per_node=8 -m <project entry module> train --config X.yaml
+    python -m tml.core.launch --nproc_per_node=2 -m <project entry module> train --config X.yaml
 """
 
 from __future__ import annotations
