@@ -122,17 +122,12 @@ def export_checkpoint(
         compile_mode: "auto" (AOTInductor, falling back to the exported program), "aoti" (must compile),
             "none" (the exported program only).
     """
-    from tml.projects.home.recap.build import build_train_module
-
     if compile_mode not in COMPILE_MODES:
         raise ExportError(f"--compile {compile_mode!r}: expected one of {COMPILE_MODES}")
     _check_groups(config, groups)
     path = resolve_checkpoint(checkpoint or config.training.save_dir)
     _prepare_output(output, overwrite)
-    model = build_train_module(config, embedding_device="meta").model
-    tasks = list(config.model.tasks)
-    weights = config.ranking_weights()
-    serving = to_serving(model, [weights[t] for t in tasks], groups)
+    serving = build_serving(config, groups)
     with warnings.catch_warnings():
         # DCP warns that it loads in one process without a process group: that is the point here.
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -141,8 +136,29 @@ def export_checkpoint(
         except ValueError as error:  # "checkpoint ... does not fit this model: <tensors>"
             raise ExportError(f"{error} (is --config the config this checkpoint was trained with?)") from None
     logger.info("loaded %s (step %d) into one process", path, step)
-    inputs = input_schema(config.train_data, dense_input_names(model), sparse_input_rows(model))
+    return write_artifact(
+        config, serving, output, {"path": os.path.abspath(path), "step": step}, compile_mode
+    )
 
+
+def build_serving(config: RecapConfig, groups: list[str] | None = None) -> torch.nn.Module:
+    """The serving module of `config`'s model (tables uninitialised: load a checkpoint into it)."""
+    from tml.projects.home.recap.build import build_train_module
+
+    model = build_train_module(config, embedding_device="meta").model
+    weights = config.ranking_weights()
+    return to_serving(model, [weights[t] for t in config.model.tasks], groups)
+
+
+def write_artifact(
+    config: RecapConfig, serving: torch.nn.Module, output: str, source: dict, compile_mode: str = "auto"
+) -> str:
+    """Export `serving` (from `build_serving`, weights loaded) into the artifact folder `output`, replacing
+    it; `source`: where the weights came from (artifact.json's `checkpoint`)."""
+    model = serving.model
+    groups = getattr(serving, "groups", None)
+    tasks = list(config.model.tasks)
+    inputs = input_schema(config.train_data, dense_input_names(model), sparse_input_rows(model))
     tmp = f"{output.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -153,6 +169,9 @@ def export_checkpoint(
         torch.export.save(program, os.path.join(tmp, fmt.PROGRAM))
         _check_program(serving, program, inputs)
         runtime, note, compile_seconds = _compile(program, os.path.join(tmp, fmt.COMPILED), compile_mode)
+        outputs = (
+            ["logits", "probabilities", "score"] if groups is None else [f"embedding/{g}" for g in groups]
+        )
         meta = {
             "format": fmt.FORMAT,
             "version": fmt.VERSION,
@@ -160,15 +179,13 @@ def export_checkpoint(
             "runtime": runtime,
             "runtime_note": note,
             "inputs": inputs,
-            "outputs": ["logits", "probabilities", "score"]
-            if groups is None
-            else [f"embedding/{g}" for g in groups],
+            "outputs": outputs,
             "tasks": tasks,
-            "ranking_weights": {t: weights[t] for t in tasks},
+            "ranking_weights": {t: config.ranking_weights()[t] for t in tasks} if groups is None else {},
             "heads": model.heads.describe(),
             "groups": groups,
             "embedding_widths": _embedding_widths(model, groups),
-            "checkpoint": {"path": os.path.abspath(path), "step": step},
+            "checkpoint": source,
             "torch_version": torch.__version__,
             "export_seconds": round(export_seconds, 2),
             "compile_seconds": None if compile_seconds is None else round(compile_seconds, 2),
@@ -182,7 +199,7 @@ def export_checkpoint(
     if os.path.exists(output):
         shutil.rmtree(output)
     os.rename(tmp, output)
-    logger.info("artifact of step %d written to %s (runtime %s)", step, output, runtime)
+    logger.info("artifact written to %s (runtime %s)", output, runtime)
     return output
 
 
