@@ -51,7 +51,11 @@ def test_compare_and_hparams_on_a_trained_run(tmp_path, capsys, monkeypatch):
     ]
     mlflow = importlib.util.find_spec("mlflow") is not None
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sink = [f"training.mlflow={{tracking_uri: '{store}', experiment: real}}"] if mlflow else []
+    artifacts = tmp_path / "mlflow-artifacts"  # not ./mlruns of the working directory
+    sink = [
+        f"training.mlflow={{tracking_uri: '{store}', experiment: real, artifact_location: '{artifacts}'}}"
+    ]
+    sink = sink if mlflow else []
     _train(tmp_path, "train", "--config", LOCAL, *tiny, *sink)
     run = tmp_path / "runs" / "local"
 
