@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 
+from tml.core.config.loader import ConfigError
 from tml.core.distributed import DistEnv, any_rank_true
 from tml.core.state import load_model_state, model_state
 from tml.ml_logging.log import get_logger
@@ -284,7 +285,8 @@ def load_weights(module: nn.Module, path: str) -> int:
     problems = model_differences(module, path)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"checkpoint {path} does not fit this model: {shown}")
+        # The config describes another model than the one trained (a user error: one line from the CLI).
+        raise ConfigError(f"checkpoint {path} does not fit the config's model: {shown}")
     state = model_state(module)
     dcp.load({"model": state}, checkpoint_id=path, planner=_LoadPlanner())
     load_model_state(module, state)

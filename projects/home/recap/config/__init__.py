@@ -1,6 +1,7 @@
 """`RecapConfig`: the one config tree of the heavy ranker, in the original's YAML shape.
 
-Sections: `training` (core), `model` (model.py), `train_data` / `validation_data` (the reader's DataConfig),
+Sections: `training` (core), `model` (model.py), `train_data` / `validation_data` (the reader's DataConfig /
+ValidationDataConfig, checked against each other: every partition must feed the model what train_data does),
 `optimizer` (Adam/SGD/Adagrad with a backbone schedule and one per tower), `prediction` (ranking weights).
 """
 
@@ -76,7 +77,9 @@ class PredictionConfig(BaseConfig):
         description="Task -> weight of its probability in the ranking score sum_i w_i * p_i. None: the "
         "original's published weights for the tasks that have one, 0 for the others.",
     )
-    batch_size: int = _F(4096, ge=1, description="Rows per prediction batch.")
+    batch_size: int = _F(
+        4096, ge=1, description="Rows per batch on each rank while `predict` scores (bounds memory)."
+    )
 
 
 class RecapConfig(BaseConfig):
@@ -116,6 +119,16 @@ class RecapConfig(BaseConfig):
             )
         self._check_id_ranges()
         self._check_partitions_fit_the_model()
+        evaluation = {
+            "eval_every_n": self.training.eval_every_n,
+            "num_eval_steps": self.training.num_eval_steps,
+        }
+        unused = [f"training.{key}" for key, value in evaluation.items() if value is not None]
+        if unused and not self.validation_data:
+            raise ValueError(
+                f"{' and '.join(unused)} set, but there is no validation_data partition to evaluate: add one or "
+                "remove them"
+            )
         weights = self.prediction.ranking_weights
         if weights is not None and set(weights) - set(tasks):
             raise ValueError(

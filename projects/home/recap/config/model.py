@@ -404,6 +404,12 @@ class ModelConfig(BaseConfig):
             raise ValueError("multi_task_type=share_none forbids `backbone` (use share_all or share_partial)")
         if self.backbone is not None and self.backbone.affine_map is not None:
             raise ValueError("backbone.affine_map: an affine map applies to a task's logit, not the backbone")
+        for key in ("pos_weight", "loss_weight"):
+            if self.backbone is not None and getattr(self.backbone, key) != 1.0:
+                raise ValueError(
+                    f"backbone.{key}: weighs a task's loss, and the backbone has none; set it on the tasks "
+                    f"(tasks.<name>.{key})"
+                )
         for name, task in self.tasks.items():
             if shared and task.dlrm_config is not None:
                 raise ValueError(

@@ -151,3 +151,17 @@ def test_an_unreadable_schema_file_names_the_section(tmp_path):
     missing = tmp_path / "nope.yaml"
     message = _error(LOCAL, f"train_data.seg_dense_schema={{schema_path: {missing}}}")
     assert f"train_data.seg_dense_schema.schema_path '{missing}': cannot read" in message
+
+
+def test_evaluation_cadence_without_a_partition_is_rejected():
+    message = _error(LOCAL, "validation_data={}")  # local.yaml sets eval_every_n and num_eval_steps
+    assert (
+        "training.eval_every_n and training.num_eval_steps set, but there is no validation_data partition"
+    ) in message
+    config = load_config(
+        RecapConfig,
+        LOCAL,
+        ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"],
+        env={},
+    )
+    assert config.validation_data == {}

@@ -213,3 +213,12 @@ def test_build_time_split_checks():
     _build_fails(
         r"column 3 of 'continuous' is also in group 'g'", split("continuous[0:4]", other=["continuous[3:5]"])
     )
+
+
+@pytest.mark.parametrize("key", ["pos_weight", "loss_weight"])
+def test_a_loss_weight_on_the_backbone_is_rejected(key):
+    # The backbone has no loss of its own: the key would be accepted and ignored.
+    _reject(
+        f"backbone.{key}: weighs a task's loss", multi_task_type="share_all", backbone={**TOWER, key: 2.0}
+    )
+    assert _config(multi_task_type="share_all", backbone={**TOWER, key: 1.0}).backbone is not None
