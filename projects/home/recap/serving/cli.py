@@ -49,6 +49,8 @@ ARGS = {  # mode -> (flags, argparse keywords)
               ("--max-request-bytes", {"type": _positive, "default": 64 << 20, "help": "body bytes per request at most"}),
               ("--drain-seconds", {"type": float, "default": 30.0,
                                    "help": "on SIGTERM, how long requests in flight may take to finish"}),
+              ("--threads", {"type": _positive, "help": "torch threads of the model (default: OMP_NUM_THREADS, "
+                                                        "else the cores minus one for decoding requests)"}),
               _RUNTIME],
     "score": [("--artifact", {"required": True, "help": "artifact folder from `tml-recap export`"}),
               ("--input", {"required": True, "help": "Parquet glob, folder, file or fsspec URL to score"}),
@@ -73,7 +75,8 @@ def run_mode(args: argparse.Namespace, config=None) -> None:
         from tml.projects.home.recap.serving.service import ServeOptions, serve
 
         serve(ServeOptions(args.artifact, args.host, args.port, args.max_batch_records, args.max_wait_ms,
-                           args.max_request_records, args.max_request_bytes, args.drain_seconds, args.runtime))  # fmt: skip
+                           args.max_request_records, args.max_request_bytes, args.drain_seconds, args.runtime,
+                           args.threads))  # fmt: skip
     elif args.mode == "score":
         from tml.projects.home.recap.serving.score import score_files
 

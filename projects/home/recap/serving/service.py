@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from fastapi import FastAPI, Request, Response
 
+from tml.core.distributed import configure_cpu_threads
 from tml.core.errors import UserError
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.serving.artifact import Artifact, ArtifactError, read_meta, sample_inputs
@@ -69,6 +70,8 @@ class ServeOptions:
         max_request_bytes: body size per request at most.
         drain_seconds: how long SIGTERM waits for requests in flight.
         runtime: artifact runtime ("auto", "aoti", "exported_program").
+        threads: torch intra-op threads of the model; None: OMP_NUM_THREADS, else the cores minus one
+            (the event loop decodes requests meanwhile, and OpenMP threads that compete for cores wait).
     """
 
     artifact: str
@@ -80,6 +83,7 @@ class ServeOptions:
     max_request_bytes: int = 64 << 20
     drain_seconds: float = 30.0
     runtime: str = "auto"
+    threads: int | None = None
 
     def check(self) -> None:
         if self.max_batch_records < 1 or self.max_request_records < 1 or self.max_request_bytes < 1:
@@ -272,7 +276,11 @@ def serve(options: ServeOptions) -> None:
 
     options.check()
     service = Service(options)
-    sock = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
+    threads = configure_cpu_threads(options.threads, reserved=1)
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
+    # keep-alive response (headers and body written apart) waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((options.host, options.port))
@@ -289,10 +297,11 @@ def serve(options: ServeOptions) -> None:
         lifespan="on",
     )
     logger.info(
-        "serving %s on http://%s:%d (POST /predict, GET /healthz /readyz /metrics)",
+        "serving %s on http://%s:%d (POST /predict, GET /healthz /readyz /metrics; %d torch threads)",
         options.artifact,
         options.host,
         port,
+        threads,
     )
 
     class Server(uvicorn.Server):
