@@ -49,6 +49,17 @@ class MlpConfig(BaseConfig):
     )
     final_layer_activation: bool = pydantic.Field(False, description="Apply ReLU after the last layer too.")
 
+    @pydantic.model_validator(mode="after")
+    def _hidden_layers(self) -> MlpConfig:
+        # BatchNorm and dropout sit after hidden layers; with a single layer there is none to put them after.
+        unused = [key for key in ("batch_norm", "dropout") if getattr(self, key) is not None]
+        if unused and len(self.layer_sizes) == 1:
+            raise ValueError(
+                f"{' and '.join(unused)}: applied after hidden layers, and layer_sizes {self.layer_sizes} has "
+                "none (its one layer is the output): add a hidden layer or remove them"
+            )
+        return self
+
 
 class MaskBlockConfig(BaseConfig):
     exactly_one_of: ClassVar = (("reduction_factor", "aggregation_size"),)

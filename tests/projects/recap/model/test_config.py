@@ -222,3 +222,12 @@ def test_a_loss_weight_on_the_backbone_is_rejected(key):
         f"backbone.{key}: weighs a task's loss", multi_task_type="share_all", backbone={**TOWER, key: 2.0}
     )
     assert _config(multi_task_type="share_all", backbone={**TOWER, key: 1.0}).backbone is not None
+
+
+def test_batch_norm_or_dropout_on_an_mlp_without_hidden_layers_is_rejected():
+    single = {"mlp_config": {"layer_sizes": [1], "batch_norm": {}, "dropout": {"rate": 0.2}}}
+    _reject(
+        r"batch_norm and dropout: applied after hidden layers, and layer_sizes \[1\] has none",
+        tasks={"t": single},
+    )
+    assert _config(tasks={"t": {"mlp_config": {"layer_sizes": [4, 1], "batch_norm": {}}}}).tasks["t"]
