@@ -43,7 +43,7 @@ def build_vocabularies(config: TwhinConfig) -> dict[str, Vocabulary] | None:
     return {t.name: load_vocabulary(folder, t.name, t.num_embeddings) for t in config.model.embeddings.tables}
 
 
-def _relation_vocabularies(config: TwhinConfig, vocabularies: dict[str, Vocabulary] | None):
+def relation_vocabularies(config: TwhinConfig, vocabularies: dict[str, Vocabulary] | None):
     if vocabularies is None:
         return None
     return [(vocabularies[r.lhs], vocabularies[r.rhs]) for r in config.model.relations]
@@ -124,7 +124,7 @@ def build_edges(
             num_workers=section.num_workers,
             prefetch_batches=section.prefetch_batches,
             skip_unreadable_files=section.skip_unreadable_files,
-            vocabularies=_relation_vocabularies(config, vocabularies),
+            vocabularies=relation_vocabularies(config, vocabularies),
             offset=section.offset,
             limit=section.limit,
         )

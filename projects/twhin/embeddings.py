@@ -97,7 +97,7 @@ class Embeddings:
         for path in files:
             with open_input(fs, path) as source:
                 data = pq.read_table(source)
-            ids = data.column("id").to_numpy()
+            ids = data.column("id").to_numpy().copy()  # writable, for torch
             flat = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             vectors[torch.from_numpy(ids)] = torch.from_numpy(flat.reshape(len(ids), dim).copy())
             ids_parts.append(ids)

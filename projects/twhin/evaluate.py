@@ -82,17 +82,21 @@ def _gather(tensor: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, tuple[int
     return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)]), (start, start + counts[env.rank])
 
 
-def _read_queries(model, dataset, env: DistEnv, limit: int | None) -> Queries:
+def _read_queries(model, dataset, env: DistEnv, limit: int | None, desc: str, log_every_n: int) -> Queries:
     ids, vectors = [], []
     pairs = torch.tensor(model.relation_tables, dtype=torch.int64).reshape(-1, 2)
     stride = 2 * dataset.plan.batch_size  # the same on every rank (tables.lookup)
-    for edges, real in lockstep(dataset, env, limit):
+    bar = progress_bar(limit, desc, env.rank)
+    for rounds, (edges, real) in enumerate(lockstep(dataset, env, limit), start=1):
+        if rounds % log_every_n == 0:
+            bar.update(log_every_n)
         rel, b = edges.rel.cpu(), edges.batch_size
         tables = torch.cat([pairs[rel, 0], pairs[rel, 1]])
         both = lookup(model, tables, torch.cat([edges.lhs, edges.rhs]), env, stride)
         if real and b:
             ids.append(torch.stack([edges.rel, edges.lhs, edges.rhs], dim=1).to(env.device))
             vectors.append(torch.cat([both[:b], both[b:]], dim=1))
+    bar.close()
     dim = model.dim
     local_ids = torch.cat(ids) if ids else torch.zeros(0, 3, dtype=torch.int64, device=env.device)
     local_vec = torch.cat(vectors) if vectors else torch.zeros(0, 2 * dim, device=env.device)
@@ -142,7 +146,7 @@ def _filter(groups: list[_Group], inputs: list[str], config: TwhinConfig, vocabu
     rows = [t.num_embeddings for t in config.model.embeddings.tables]
     slices = [rank_slice(n, env) for n in rows]
     wanted = [torch.unique(g.anchors) for g in groups]
-    relations = build._relation_vocabularies(config, vocabularies)
+    relations = build.relation_vocabularies(config, vocabularies)
     for pattern in inputs:
         edges = build_edge_dataset(
             pattern, build.decoder_relations(config), _FILTER_BATCH, num_epochs=1, shuffle=False,
@@ -308,7 +312,8 @@ class LinkEvaluator:
         steps = config.training.num_eval_steps
         limit = None if steps is None or steps < 0 else steps
         dataset = build.build_edges(section, config, env, self.vocabularies, key=f"validation_data.{name}")
-        queries = _read_queries(model, dataset, env, limit)
+        every = config.training.eval_log_every_n
+        queries = _read_queries(model, dataset, env, limit, f"eval/{name}", every)
         ids = torch.stack([queries.rel, queries.lhs, queries.rhs]).cpu()
         cached = self._filters.get(name)
         if cached is not None and torch.equal(cached[0], ids):

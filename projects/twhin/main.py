@@ -89,7 +89,9 @@ def neighbors(args: argparse.Namespace) -> None:
         f"{args.metric} neighbours of {args.type} {args.id if args.id is not None else args.key!r} in {found.table}:"
     )
     for rank, (row, score) in enumerate(zip(found.ids[0].tolist(), found.scores[0].tolist(), strict=True), 1):
-        key = f"  {found.keys[0][rank - 1]}" if found.keys is not None else ""
+        key = (
+            f"  {found.keys[0][rank - 1] or '-'}" if found.keys is not None else ""
+        )  # '-': a row without key
         print(f"{rank:4d}  {row:10d}{key}  {score:.6g}")
 
 

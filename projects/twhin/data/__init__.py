@@ -1,1 +1,2 @@
-"""Synthetic TwHIN edge data (latent-factor graphs that link prediction can learn)."""
+"""TwHIN data: the edge decoder, string-key vocabularies, training batches with their negatives, synthetic
+graphs."""

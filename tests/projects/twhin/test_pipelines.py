@@ -4,7 +4,7 @@ must be `batch.lookups` itself) and TrainPipelineBase, on 1 and 2 gloo ranks, st
 
 Configs are shrunk (tables to 64 rows, dims to 8, batches of 16) and read tiny synthetic edges written in
 their own schema (string keys and a vocabulary where the config has one); one launch per world size runs
-all of them.
+all of them. The one-rank launch also plans prod.yaml with a 500M-row user table on the meta device.
 """
 
 from __future__ import annotations
@@ -94,9 +94,49 @@ def _run_all(folder: str) -> dict:
         configs = [tiny_config(name, folder) for name in CONFIGS]
     torch.distributed.barrier()  # the data exists before rank 1 reads it
     configs = [tiny_config(name, folder) for name in CONFIGS]
-    return {
+    results = {
         name: {kind: _train(config, env, kind) for kind in ("eager", "base", "sparse_dist")}
         for name, config in zip(CONFIGS, configs, strict=True)
+    }
+    # Shares the one-rank launch (a launch costs seconds of torchrec import).
+    huge = _huge_tables_plan_on_meta(env) if env.world_size == 1 else None
+    return results, huge
+
+
+def _huge_tables_plan_on_meta(env) -> dict:
+    """prod.yaml with a 500M-row user table (8 GB in fp32) plans and shards on the meta device of one rank (the
+    dense part is wrapped in DDP on several, which a meta tensor cannot be)."""
+    import resource
+
+    from tml.core.config.loader import load_config
+    from tml.core.sharding import shard_model
+    from tml.core.tables import local_pieces
+    from tml.optimizers.build import embedding_optimizer
+    from tml.projects.twhin import build
+    from tml.projects.twhin.config import TwhinConfig
+
+    config = load_config(
+        TwhinConfig,
+        str(CONFIG_DIR / "prod.yaml"),
+        env={},
+    )
+    config.model.embeddings.tables[0].num_embeddings = 500_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tables = config.model.embeddings.tables
+    sharded = shard_model(
+        build.build_model(config, device="meta"),
+        env,
+        {"user": ("row_wise", None), "tweet": ("table_wise", None)},
+        {t.name: embedding_optimizer(t.optimizer) for t in tables},
+        device=torch.device("meta"),
+        memory_bytes=2**40,
+    )
+    weight = sharded.module.state_dict()["model.ebc.embedding_bags.user.weight"]
+    shards = [tuple(piece.shape) for _, piece in local_pieces(weight)]
+    return {
+        "shape": tuple(weight.shape),
+        "shards": shards,
+        "grown_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
     }
 
 
@@ -114,5 +154,8 @@ def _check(results: dict) -> None:
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_every_config_pipelined_equals_eager(run_ranks, tmp_path, world_size):
-    for results in run_ranks(_run_all, world_size, str(tmp_path)):
+    for results, huge in run_ranks(_run_all, world_size, str(tmp_path)):
         _check(copy.deepcopy(results))
+        if world_size == 1:  # and prod.yaml with a 500M-row table plans and shards without allocating it
+            assert huge["shape"] == (500_000_000, 4) and huge["shards"] == [(500_000_000, 4)]
+            assert huge["grown_mib"] < 512  # the table alone would be 8 GB
