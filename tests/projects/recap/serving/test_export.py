@@ -1,6 +1,7 @@
 """`tml-recap export` and `score`: the artifact of a checkpoint scores what `predict` scores, for every
 architecture (MLP, MaskNet, DCN, DLRM, large tables, split-tower parts), from a checkpoint written by 2
-ranks, on the exported program and on AOTInductor, loaded where torchrec cannot be imported."""
+ranks, loaded where torchrec cannot be imported. All on the exported program (`--compile none`): the one
+AOTInductor compile of the suite is the README's (test_readme.py), which checks the same."""
 
 from __future__ import annotations
 
@@ -68,22 +69,6 @@ def test_artifact_of_a_two_rank_checkpoint_scores_like_predict_without_torchrec(
         "--output", str(out), "--batch-size", "37",
     )  # fmt: skip
     assert_same_scores(out / "part-00000.parquet", local_run["predictions"])
-
-
-@pytest.mark.slow
-def test_aoti_compiled_artifact_scores_like_predict(local_run):
-    """The one AOTInductor compile of the suite (about 20-30 s on 2 cores; see docs/serving.md)."""
-    artifact = local_run["tmp"] / "artifact_aoti"
-    local_run["export"]("--output", str(artifact), "--compile", "aoti")
-    meta = json.loads((artifact / "artifact.json").read_text())
-    assert meta["runtime"] == "aoti" and meta["compile_seconds"] > 0 and (artifact / "compiled.pt2").exists()
-    out = local_run["tmp"] / "scored_aoti"
-    log = run_without_torchrec(
-        local_run["env"], "score", "--artifact", str(artifact), "--input", local_run["valid"], "--output",
-        str(out), "--runtime", "aoti",
-    )  # fmt: skip
-    assert "(runtime aoti)" in log
-    assert_same_scores(out / "part-00000.parquet", local_run["predictions"], atol=1e-4)
 
 
 def _examples_child(tmp: str) -> dict:
