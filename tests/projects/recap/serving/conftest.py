@@ -53,5 +53,6 @@ def local_run(tmp_path_factory):
         "run": tmp / "runs" / "local",
         "predictions": tmp / "preds" / "part-00000.parquet",
         "artifact": artifact,
-        "export": lambda *args: recap(env, "export", "--config", LOCAL, *TINY, *args),
+        "export": lambda *args, ok=True: recap(env, "export", "--config", LOCAL, *TINY, *args, ok=ok),
+        "recap": lambda *args, ok=True: recap(env, *args, ok=ok),
     }

@@ -71,6 +71,31 @@ def test_artifact_of_a_two_rank_checkpoint_scores_like_predict_without_torchrec(
     assert_same_scores(out / "part-00000.parquet", local_run["predictions"])
 
 
+@pytest.mark.slow
+def test_wrong_inputs_are_one_line_errors_naming_what_to_fix(local_run):
+    run, tmp = local_run["run"], local_run["tmp"]
+    mlp = str(EXAMPLES / "model_mlp.yaml")
+    cases = [
+        (["export", "--config", mlp, "--checkpoint", str(run), "--output", str(tmp / "x")],
+         "is --config the config this checkpoint was trained with?"),
+        (["export", "--config", mlp, "--checkpoint", str(tmp / "nowhere"), "--output", str(tmp / "x")],
+         "holds no complete checkpoint"),
+        (["score", "--artifact", str(tmp / "nowhere"), "--input", local_run["valid"], "--output", str(tmp / "x")],
+         "does not exist (a folder written by `tml-recap export`)"),
+        (["serve", "--artifact", str(local_run["data"]), "--port", "0"], "has no artifact.json"),
+        (["score", "--artifact", str(local_run["artifact"]), "--input", str(tmp / "none/*.parquet"),
+          "--output", str(tmp / "x")], "--input: inputs"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        out = local_run["recap"](*argv, ok=False)
+        assert message in out and "Traceback" not in out, (argv, out[-3000:])
+    out = local_run["export"]("--output", str(local_run["artifact"]), ok=False)
+    assert "is not empty: choose a new folder or pass --overwrite" in out
+    out = local_run["export"]("--output", str(tmp / "x"), "--part", "user", ok=False)
+    assert "--part 'user'" in out and "no model.split_towers" in out
+    assert not (tmp / "x").exists() and not list(tmp.glob("x.tmp-*"))
+
+
 def _examples_child(tmp: str) -> dict:
     """Every architecture: generate, train 3 steps, predict, export, score; returns what to compare."""
     import torch
