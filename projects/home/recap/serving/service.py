@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -123,7 +124,9 @@ class _Metrics:
         self.batch = Histogram(
             "tml_serve_batch_records", "Records per model call", registry=self.registry, buckets=buckets
         )
-        self.queue = Gauge("tml_serve_queue_depth", "Requests waiting for a batch", registry=self.registry)
+        self.queue = Gauge(
+            "tml_serve_queue_depth", "Requests not yet handed to the model", registry=self.registry
+        )
         self.records = Counter("tml_serve_records", "Records scored", registry=self.registry)
 
 
@@ -235,7 +238,7 @@ def build_app(service: Service):
         content_type = request.headers.get("content-type")
         label = "arrow" if (content_type or "").startswith(ARROW) else "json"
         try:
-            declared = int(request.headers.get("content-length") or 0)
+            declared = _content_length(request.headers.get("content-length"))
             if declared > service.options.max_request_bytes:
                 raise RequestError(
                     413,
@@ -246,7 +249,7 @@ def build_app(service: Service):
             status = 200
         except RequestError as error:
             status, content, media = error.status, _error(str(error)), "application/json"
-        except (ArtifactError, ValueError) as error:  # inputs the decoder passed but the artifact refused
+        except ArtifactError as error:  # inputs the decoder passed but the artifact refused
             status, content, media = 422, _error(str(error)), "application/json"
         except Exception as error:
             logger.exception("POST /predict failed")
@@ -264,9 +267,14 @@ def build_app(service: Service):
     return app
 
 
-def _error(message: str) -> bytes:
-    import json
+def _content_length(header: str | None) -> int:
+    try:
+        return int(header or 0)
+    except ValueError:
+        raise RequestError(400, f"Content-Length {header!r} is not a number") from None
 
+
+def _error(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
