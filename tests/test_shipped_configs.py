@@ -12,6 +12,7 @@ import pytest
 
 from tml.core.config.loader import load_config
 from tml.projects.home.recap.config import RecapConfig
+from tml.projects.twhin.config import TwhinConfig
 
 pytestmark = pytest.mark.unit
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,16 +22,29 @@ SHIPPED = sorted(
     if not ({".venv", ".git", "runs", "data"} & set(p.relative_to(ROOT).parts))
 )
 RECAP = ROOT / "projects/home/recap/config"
+TWHIN = ROOT / "projects/twhin/config"
 
 
 def test_something_is_shipped():
     names = {p.name for p in SHIPPED}
     assert {"local.yaml", "prod.yaml", "model_mlp.yaml", "model_dcn.yaml"} <= names
-    assert all(p.is_relative_to(RECAP) for p in SHIPPED), "a new project's YAML needs its config class here"
+    assert all(p.is_relative_to(RECAP) or p.is_relative_to(TWHIN) for p in SHIPPED), (
+        "a new project's YAML needs its config class here"
+    )
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_yaml_is_a_standalone_config(path):
+    if path.is_relative_to(TWHIN):
+        from tml.projects.twhin.build import build_model
+
+        config = load_config(TwhinConfig, str(path), env={})
+        assert config.train_data.inputs.startswith("data/") and config.training.save_dir.startswith("runs/")
+        assert config.validation_data and all(
+            p.inputs.startswith("data/") for p in config.validation_data.values()
+        )
+        build_model(config, device="meta")
+        return
     config = load_config(RecapConfig, str(path), env={})
     # Data and runs live under the two documented folders, whatever the environment says.
     assert config.train_data.inputs.startswith("data/"), config.train_data.inputs
