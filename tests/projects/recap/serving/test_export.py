@@ -89,6 +89,14 @@ def test_wrong_inputs_are_one_line_errors_naming_what_to_fix(local_run):
     for argv, message in cases:
         out = local_run["recap"](*argv, ok=False)
         assert message in out and "Traceback" not in out, (argv, out[-3000:])
+    taken = tmp / "taken"
+    taken.mkdir()
+    (taken / "part-00000.parquet").write_bytes(b"")
+    out = local_run["recap"](
+        "score", "--artifact", str(local_run["artifact"]), "--input", local_run["valid"], "--output", str(taken),
+        ok=False,
+    )  # fmt: skip
+    assert "already holds 1 part file(s)" in out and "--overwrite" in out
     out = local_run["export"]("--output", str(local_run["artifact"]), ok=False)
     assert "is not empty: choose a new folder or pass --overwrite" in out
     out = local_run["export"]("--output", str(tmp / "x"), "--part", "user", ok=False)
