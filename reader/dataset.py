@@ -328,7 +328,12 @@ def build_dataset(
     """
     return _ranking_dataset(
         config,
-        ranking_decoder(config, label_names, id_columns=config.id_columns),
+        ranking_decoder(
+            config,
+            label_names,
+            id_columns=config.id_columns,
+            sparse_stride=config.global_batch_size // world_size,
+        ),
         rank,
         world_size,
         num_epochs=config.num_epochs if num_epochs is _FROM_CONFIG else num_epochs,
@@ -345,7 +350,12 @@ def build_eval_dataset(
     multiplied by `label/pos_rate + (1-label)/neg_rate` so that metrics refer to the data before sampling."""
     return _ranking_dataset(
         config,
-        ranking_decoder(config, label_names, apply_downsampling_weights=True),
+        ranking_decoder(
+            config,
+            label_names,
+            apply_downsampling_weights=True,
+            sparse_stride=config.global_batch_size // world_size,
+        ),
         rank,
         world_size,
         num_epochs=1,

@@ -205,12 +205,17 @@ class RankingDecoder:
 
     Args:
         plan: what to decode.
+        sparse_stride: rows of every batch's KeyedJaggedTensor (the rank's batch size): a shorter batch
+            (the last of an epoch) gets empty bags after its rows. Row-wise sharded tables exchange pooled
+            rows between ranks in fixed-size pieces, so every rank must present the same number of rows
+            in every step, whatever its own batch holds; the model keeps the first B pooled rows.
     """
 
     stat_names = ("nonfinite",)
 
-    def __init__(self, plan: DecodePlan) -> None:
+    def __init__(self, plan: DecodePlan, sparse_stride: int | None = None) -> None:
         self.plan = plan
+        self.sparse_stride = sparse_stride
         self._sparse_keys = [spec.name for spec in plan.sparse]
 
     def columns(self) -> list[str]:
@@ -231,6 +236,9 @@ class RankingDecoder:
         if self._sparse_keys:
             values = [chunk.jagged[key][0] for key in self._sparse_keys]
             lengths = [chunk.jagged[key][1][1:] - chunk.jagged[key][1][:-1] for key in self._sparse_keys]
+            missing = (self.sparse_stride or chunk.num_rows) - chunk.num_rows
+            if missing > 0:
+                lengths = [torch.cat([length, length.new_zeros(missing)]) for length in lengths]
             sparse = build_kjt(self._sparse_keys, values, lengths)
         return RecapBatch(
             dense={spec.name: chunk.tensors[("dense", spec.name)] for spec in self.plan.dense},
@@ -246,6 +254,7 @@ def ranking_decoder(
     label_names: list[str],
     apply_downsampling_weights: bool = False,
     id_columns: Sequence[str] = (),
+    sparse_stride: int | None = None,
 ) -> RankingDecoder:
     """The RankingDecoder of a data section (schema files and masks are read here).
 
@@ -254,6 +263,7 @@ def ranking_decoder(
         label_names: label columns in batch order (matched by name).
         apply_downsampling_weights: multiply weights by `label/pos_rate + (1-label)/neg_rate` per task.
         id_columns: integer columns passed through to `batch.ids`.
+        sparse_stride: pad every batch's KeyedJaggedTensor to this many rows (see RankingDecoder).
     """
     duplicates = sorted({name for name in label_names if label_names.count(name) > 1})
     if duplicates:
@@ -273,5 +283,6 @@ def ranking_decoder(
             id_columns=tuple(id_columns),
             sparse=tuple(SparseSpec(f.name, f.column, f.num_buckets) for f in config.sparse_features),
             nan_policy=config.preprocess.nan_policy,
-        )
+        ),
+        sparse_stride,
     )

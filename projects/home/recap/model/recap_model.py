@@ -119,8 +119,10 @@ class RecapModel(nn.Module):
             # batch.sparse goes to the tables untouched, so the pipeline can run their input
             # all-to-all one batch ahead.
             pooled = self.large_embeddings(batch.sparse)
+            # The reader pads batch.sparse to a fixed number of rows (reader/ranking.py): keep B of them.
+            rows = out[self.featurizer.layout[0][0]].shape[0]
             for name, _ in self.large_embeddings.layout:
-                out[name] = pooled[name]
+                out[name] = pooled[name][:rows]
         return out
 
     def combine(self, segments: dict[str, torch.Tensor]) -> torch.Tensor:
