@@ -85,7 +85,6 @@ class TrainJob:
             (tml.reader's datasets).
         batch_type: the batch class (registered with torchrec's pipelines).
         evaluate: (module, step) -> metrics {name: value}, logged by the lifecycle; None: no evaluation.
-        clip_grad_norm: global L2 norm the dense gradients are clipped to.
         model_section: the config key whose change makes a checkpoint unusable (compared on resume).
     """
 
@@ -97,7 +96,6 @@ class TrainJob:
     train_data: Any
     batch_type: type
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
-    clip_grad_norm: float | None = None
     model_section: str = "model"
 
 
@@ -231,7 +229,6 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         gradient_accumulation=t.gradient_accumulation,
         train_log_every_n=t.train_log_every_n,
         eval_every_n=t.eval_every_n,
-        clip_grad_norm=job.clip_grad_norm,
         bf16=use_bf16(t, env),
         pipeline=t.pipeline,
         batch_type=job.batch_type,

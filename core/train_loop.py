@@ -54,7 +54,6 @@ class LoopOptions:
     gradient_accumulation: int = 1
     train_log_every_n: int = 100
     eval_every_n: int | None = None
-    clip_grad_norm: float | None = None
     bf16: bool = False
     pipeline: Pipeline = "auto"
     batch_type: type | None = None
@@ -73,13 +72,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StepControl:
-    """What the pipeline sees as its optimizer: zero_grad/step only at accumulation boundaries, with
-    clipping, every optimizer and the scheduler behind one step()."""
+    """What the pipeline sees as its optimizer: zero_grad/step only at accumulation boundaries, every
+    optimizer (each clips its own gradients when configured to: optimizers/build.py) and the scheduler
+    behind one step()."""
 
-    def __init__(self, optimizers, scheduler, accumulation: int, clip: float | None) -> None:
+    def __init__(self, optimizers, scheduler, accumulation: int) -> None:
         self.optimizers, self.scheduler = optimizers, scheduler
-        self.accumulation, self.clip, self.micro = accumulation, clip, 0
-        self.clip_params = [p for g in optimizers[0].param_groups for p in g["params"]] if clip else []
+        self.accumulation, self.micro = accumulation, 0
 
     @property
     def last_micro_step(self) -> bool:
@@ -96,8 +95,6 @@ class _StepControl:
         if self.micro % self.accumulation:
             return
         with record_function("optimizer"):
-            if self.clip:
-                torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip)
             for optimizer in self.optimizers:
                 optimizer.step()
             self.scheduler.step()
@@ -230,15 +227,14 @@ def train(
 ) -> TrainResult:
     """Train from `state.step` to `options.num_train_steps` or until any rank's data ends.
 
-    `optimizers[0]` is the dense optimizer (its param groups' `name` label `train/lr/<name>`; clipping
-    applies to it). After each step `checkpointer.maybe_save` and, every `eval_every_n` steps, `evaluate(step)`
+    `optimizers[0]` is the dense optimizer (its param groups' `name` label `train/lr/<name>`). After each step `checkpointer.maybe_save` and, every `eval_every_n` steps, `evaluate(step)`
     run; at the end the last step is saved and evaluated unless that just happened. `state` (the loop's
     counters, also registered with the checkpointer) is updated in place. Losses are read (and checked for
     NaN/inf) at log lines, evaluations, saves and the end.
     """
     state = state if state is not None else LoopState()
     module.train()
-    control = _StepControl(optimizers, scheduler, options.gradient_accumulation, options.clip_grad_norm)
+    control = _StepControl(optimizers, scheduler, options.gradient_accumulation)
     progress, pipeline = _make_progress(module, control, env, options)
     stop_requested = (lambda: checkpointer.stop_requested) if checkpointer is not None else (lambda: False)
     source = _pinned(batches) if env.device.type == "cuda" else batches

@@ -78,14 +78,10 @@ def _loop_losses(env, pipeline: str) -> list[float]:
     from tml.reader.batch import RecapBatch
 
     sharded, optimizer, scheduler = tiny.build_training(
-        env, shardings={"a": ("table_wise", None)}, accumulation=2
+        env, shardings={"a": ("table_wise", None)}, accumulation=2, clip_grad_norm=1.0
     )
     options = LoopOptions(
-        num_train_steps=5,
-        gradient_accumulation=2,
-        clip_grad_norm=1.0,
-        pipeline=pipeline,
-        batch_type=RecapBatch,
+        num_train_steps=5, gradient_accumulation=2, pipeline=pipeline, batch_type=RecapBatch
     )
     result = train(sharded.module, [optimizer], scheduler, tiny.rank_batches(env, 0, 100), env, options)
     assert result.batches_trained == 10

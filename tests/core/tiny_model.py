@@ -107,6 +107,7 @@ def build_training(
     accumulation=1,
     dropout=0.0,
     table_optimizers: dict | None = None,
+    clip_grad_norm: float | None = None,
 ):
     """Shard the tiny model and build its Adam dense optimizer: (sharded, optimizer, scheduler)."""
     from tml.core.sharding import shard_model
@@ -123,7 +124,9 @@ def build_training(
     specs = {t: embedding_optimizer(table_opt[t]) for t in tables}
     sharded = shard_model(model, env, shardings, specs, gradient_accumulation=accumulation)
     config = OptimizerConfig(
-        adam={}, learning_rate={"linear_ramp_to_constant": {"learning_rate": lr, "num_ramp_steps": 2}}
+        adam={},
+        learning_rate={"linear_ramp_to_constant": {"learning_rate": lr, "num_ramp_steps": 2}},
+        clip_grad_norm=clip_grad_norm,
     )
     optimizer, scheduler = build_optimizer(sharded.dense_named_parameters(), config)
     return sharded, optimizer, scheduler
