@@ -250,7 +250,9 @@ class PretrainedConfig(BaseConfig):
 class LargeTableConfig(BaseConfig):
     name: str = pydantic.Field(..., description="Table name.")
     num_embeddings: pydantic.PositiveInt = pydantic.Field(..., description="Number of rows.")
-    embedding_dim: pydantic.PositiveInt = pydantic.Field(..., description="Width of each row.")
+    embedding_dim: pydantic.PositiveInt = pydantic.Field(
+        ..., multiple_of=4, description="Width of each row; a multiple of 4 (FBGEMM's table kernels need it)."
+    )
     feature_names: list[str] | None = pydantic.Field(
         None, description="Sparse features (keys of batch.sparse) this table embeds; default [name]."
     )

@@ -1,6 +1,8 @@
 """ModelConfig rejections (config-time and build-time). The shipped examples are whole configs, tested in
 tests/test_shipped_configs.py, tests/projects/recap/test_pipelines.py and test_examples.py."""
 
+import pathlib
+
 import pydantic
 import pytest
 
@@ -103,7 +105,7 @@ OPT = {"sgd": {"learning_rate": 0.1}}
 
 
 def test_embedding_table_keys():
-    table = {"name": "t", "num_embeddings": 4, "embedding_dim": 2}
+    table = {"name": "t", "num_embeddings": 4, "embedding_dim": 4}
     _reject("vocab", large_embeddings={"optimizer": OPT, "tables": [{**table, "vocab": "x"}]})
     _reject("duplicate name 't'", large_embeddings={"optimizer": OPT, "tables": [table, table]})
     _reject(
@@ -166,7 +168,7 @@ def test_build_time_checks():
     _build_fails(r"must be in \(0, 1\]", _config(), rates={"a.b": (1.0, 0.0)})
     _build_fails("names collide", _config(tasks={"a.b": TOWER, "a__b": TOWER}))
     _build_fails("dense_embeddings.names: dense tensor 'nope'", _config(dense_embeddings={"names": ["nope"]}))
-    large = {"optimizer": OPT, "tables": [{"name": "t", "num_embeddings": 4, "embedding_dim": 2}]}
+    large = {"optimizer": OPT, "tables": [{"name": "t", "num_embeddings": 4, "embedding_dim": 4}]}
     _build_fails(
         r"table 't': sparse features \['t'\] are not in the data",
         _config(large_embeddings=large),
@@ -231,3 +233,14 @@ def test_batch_norm_or_dropout_on_an_mlp_without_hidden_layers_is_rejected():
         tasks={"t": single},
     )
     assert _config(tasks={"t": {"mlp_config": {"layer_sizes": [4, 1], "batch_norm": {}}}}).tasks["t"]
+
+
+def test_large_table_dim_is_a_multiple_of_four():
+    # FBGEMM's table kernels assert it deep inside sharding; the config says so first, naming the key.
+    from tml.core.config.loader import ConfigError, load_config
+    from tml.projects.home.recap.config import RecapConfig
+
+    local = str(pathlib.Path(__file__).resolve().parents[4] / "projects/home/recap/config/local.yaml")
+    table = "model.large_embeddings.tables=[{name: author_id, num_embeddings: 20000, embedding_dim: 6}]"
+    with pytest.raises(ConfigError, match=r"large_embeddings\.tables\.0\.embedding_dim: .*multiple of 4"):
+        load_config(RecapConfig, local, [table])

@@ -215,21 +215,21 @@ def _kjt():
 
 
 def test_large_embeddings_pool_bags_and_load_pretrained(tmp_path):
-    pretrained = torch.arange(20, dtype=torch.float32).reshape(10, 2)
+    pretrained = torch.arange(40, dtype=torch.float32).reshape(10, 4)
     torch.save({"users": pretrained}, tmp_path / "snap.pt")
     large = {
         "tables": [
             {
                 "name": "user",
                 "num_embeddings": 10,
-                "embedding_dim": 2,
+                "embedding_dim": 4,
                 "feature_names": ["user_id"],
                 "pretrained": {"embedding_snapshot_uri": str(tmp_path / "snap.pt"), "emb_name": "users"},
             },
             {
                 "name": "author",
                 "num_embeddings": 5,
-                "embedding_dim": 3,
+                "embedding_dim": 8,
                 "feature_names": ["author_id"],
                 "pooling": "mean",
             },
@@ -240,7 +240,7 @@ def test_large_embeddings_pool_bags_and_load_pretrained(tmp_path):
     config = ModelConfig.model_validate({"tasks": {"t": _tower()}, "large_embeddings": large})
     model = build_model(config, WIDTHS, ["user_id", "author_id"], {})
     segs = model.segments(_batch(n_tasks=1, b=2, sparse=_kjt()))
-    torch.testing.assert_close(segs["user_id"], torch.tensor([[2.0 + 4.0, 3.0 + 5.0], [0.0, 0.0]]))
+    torch.testing.assert_close(segs["user_id"], torch.stack([pretrained[1] + pretrained[2], torch.zeros(4)]))
     author = model.large_embeddings.ebc.embedding_bags["author"].weight
     torch.testing.assert_close(segs["author_id"], torch.stack([author[3], author[0]]))
     assert embedding_table_prefixes(model) == [
