@@ -1,16 +1,19 @@
 """Training throughput of the core loop against a plain PyTorch loop on the same model and batches.
 
 Both loops drive the same sharded model (an EmbeddingBagCollection of 2 tables + an MLP, fused table
-SGD, dense Adam) over the same in-memory batches, in one process. Printed: examples/s of each and their
-ratio (loop / plain; near 1.0 means the loop's bookkeeping - agreement all_reduces, NaN checks, logging -
-costs little). With bf16 autocast too where the CPU supports it, and on CUDA when present.
+SGD, dense Adam with torch's fused kernel, built by the same code) over the same in-memory batches, in one
+process. The two run in turn, in alternating order, `--repeat` times (each on a freshly built model), so
+drift on a shared machine cancels. Printed: median examples/s of each with the range over repeats and the
+ratio loop / plain of each pair (near 1.0 means the loop's bookkeeping - agreement all_reduces, NaN checks,
+logging - costs little). With bf16 autocast too where the CPU supports it, and on CUDA when present.
 
-    python benchmarks/bench_loop.py [--steps 60] [--batch-size 1024]
+    python benchmarks/bench_loop.py [--steps 60] [--batch-size 1024] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -19,7 +22,7 @@ from torch import nn
 from tml.core.distributed import init_distributed, shutdown
 from tml.core.sharding import shard_model
 from tml.core.train_loop import LoopOptions, train
-from tml.optimizers.build import build_optimizer
+from tml.optimizers.build import build_optimizer, embedding_optimizer
 from tml.optimizers.config import EmbeddingOptimizerConfig, OptimizerConfig
 from tml.reader.batch import RecapBatch
 
@@ -66,7 +69,7 @@ def make_batches(n: int, size: int) -> list[RecapBatch]:
 
 def build(env):
     torch.manual_seed(0)
-    sgd = EmbeddingOptimizerConfig(sgd={"learning_rate": 0.01})
+    sgd = embedding_optimizer(EmbeddingOptimizerConfig(sgd={"learning_rate": 0.01}))
     sharded = shard_model(Model(), env, None, {"u": sgd, "v": sgd})
     config = OptimizerConfig(adam={}, learning_rate={"constant": 1e-3})
     optimizer, scheduler = build_optimizer(sharded.dense_named_parameters(), config)
@@ -95,10 +98,15 @@ def core_loop(env, batches, bf16: bool) -> float:
     return len(batches) * batches[0].batch_size / (time.perf_counter() - start)
 
 
+def _range(values: list[float], fmt: str) -> str:
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     env = init_distributed("auto", "auto")
     batches = make_batches(args.steps, args.batch_size)
@@ -110,14 +118,17 @@ def main() -> None:
     except RuntimeError:
         print("bf16 autocast not supported here; fp32 only")
     plain(env, batches[:5], False)  # warm-up: first-call allocations and kernel selection
-    print(f"device {env.device}, {args.steps} steps x {args.batch_size} examples")
+    print(f"device {env.device}, {args.steps} steps x {args.batch_size} examples, {args.repeat} repeats")
     for bf16 in precisions:
-        reference = plain(env, batches, bf16)
-        ours = core_loop(env, batches, bf16)
-        name = "bf16" if bf16 else "fp32"
-        print(
-            f"{name}: plain {reference:,.0f} ex/s  core loop {ours:,.0f} ex/s  ratio {ours / reference:.3f}"
-        )
+        runs = {"plain": [], "core": []}
+        for repeat in range(args.repeat):
+            order = ["plain", "core"] if repeat % 2 == 0 else ["core", "plain"]
+            for name in order:
+                runs[name].append((plain if name == "plain" else core_loop)(env, batches, bf16))
+        ratios = [c / p for p, c in zip(runs["plain"], runs["core"], strict=True)]
+        cells = [f"{name} {_range(values, ',.0f')} ex/s" for name, values in runs.items()]
+        precision = "bf16" if bf16 else "fp32"
+        print(f"{precision}: {'  '.join(cells)}  ratio {_range(ratios, '.3f')}")
     shutdown()
 
 

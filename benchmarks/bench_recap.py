@@ -1,13 +1,32 @@
-"""Recap training throughput and peak memory: tml's loop vs a plain PyTorch loop over the same model.
+"""Recap training speed and peak memory: what a user runs (`tml-recap train` from Parquet) against a plain loop.
 
-For a recap config (default local.yaml and prod.yaml), each variant runs in its own process(es) on the same
-random in-memory batches of the config's shapes: a plain loop (the unsharded train module, torch Adam with its
-defaults over every parameter, DDP when there are several processes) and tml's path (build_sharded +
-build_recap_optimizer + core train loop), in fp32 and bf16 autocast, on 1 and 2 processes (torchrun; the
-global batch is split between them). Printed: global examples/s, ratio core/plain, the largest per-process
-peak RSS and its ratio.
+For each recap config (default local.yaml, input-bound, and prod.yaml, compute-bound), synthetic Parquet data
+in the config's schema is written once under --work, then these variants run, each in its own process(es):
 
-    python benchmarks/bench_recap.py [--configs local prod] [--procs 1 2] [--steps 30] [--batch-size 512] [--repeat 1]
+- `plain`: a plain PyTorch loop on in-memory batches (the same rows, decoded once before timing): the same
+  model with the same table kernel and table optimizer (torchrec's fused one, or none for models without
+  tables), `torch.optim.Adam(fused=True)` over the dense parameters with the config's betas, DDP on 2
+  processes. torch's default threads (all cores on one process; torchrun's 1 on two).
+- `core`: tml's loop (`core.train_loop.train`, tml's optimizer and scheduler) on the same in-memory batches
+  and threads: the loop's bookkeeping alone.
+- `e2e`: `tml-recap train --config <config>` from the Parquet files as a subprocess (torchrun for 2
+  processes), the default config plus only size overrides: inputs, global_batch_size, num_train_steps,
+  save_dir, train_log_every_n (the measuring window) and no evaluation (`validation_data={}`,
+  `training.eval_every_n=null`, `training.num_eval_steps=null`). Nothing about
+  threads, precision or compilation is set, unless --e2e-overrides adds it.
+
+Throughput is examples/s over the steps after the first measuring window (warm-up, compilation), globally.
+Variants run in turn, in a rotated order each repeat so that drift on a shared machine cancels; printed are
+the median examples/s with the range over repeats, ratios to `plain` of the same repeat (median and range),
+the largest per-process peak RSS (VmHWM) and its ratio to `plain`, and the load average around the runs.
+
+    python benchmarks/bench_recap.py [--configs local prod] [--procs 1 2] [--repeat 3] [--variants plain core e2e]
+        [--precision fp32] [--steps N] [--window N] [--batch-size N] [--e2e-overrides KEY=VALUE ...]
+        [--label NAME] [--work /tmp/tml-bench-recap]
+
+Example (the honest scaling figure on a 2-core box: 2 processes x 1 thread against 1 process x 1 thread):
+    python benchmarks/bench_recap.py --procs 1 --variants plain e2e --plain-threads 1 \
+        --e2e-overrides training.num_threads=1 --label "1 thread"
 """
 
 from __future__ import annotations
@@ -15,63 +34,100 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {"TML_DATA": "/nonexistent", "TML_RUNS": "/tmp/tml-bench-recap"}
+# Per config: rows written, rows per row group, global batch, steps, steps per measuring window.
+SIZES = {
+    "local": {"rows": 300_000, "row_group": 16_384, "batch": 1024, "steps": 200, "window": 25},
+    "prod": {"rows": 12_288, "row_group": 2_048, "batch": 256, "steps": 30, "window": 5},
+}
+NO_EVALUATION = ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"]
+_SHIM = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
 
 
-def _batches(config, steps: int, size: int):
-    from tml.reader.batch import RecapBatch
-    from tml.reader.config import dense_widths
-
-    gen = torch.Generator().manual_seed(0)
-    data, tasks = config.train_data, len(config.model.tasks)
-    out = []
-    for _ in range(steps):
-        dense = {}
-        for name, width in dense_widths(data).items():
-            if name == "discrete":
-                dense[name] = torch.randint(0, 100, (size, width), generator=gen)
-            elif name == "binary":
-                dense[name] = (torch.rand(size, width, generator=gen) < 0.2).float()
-            else:
-                dense[name] = torch.randn(size, width, generator=gen)
-        sparse = None
-        if data.sparse_features:
-            from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-            keys = [f.name for f in data.sparse_features]
-            lengths = torch.ones(len(keys) * size, dtype=torch.int64)
-            values = torch.randint(0, 1000, (len(keys) * size,), generator=gen)
-            sparse = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
-        labels = (torch.rand(size, tasks, generator=gen) < 0.05).float()
-        out.append(RecapBatch(dense=dense, labels=labels, weights=torch.ones_like(labels), sparse=sparse))
-    return out
+def config_path(name: str) -> str:
+    return (
+        name if name.endswith(".yaml") else os.path.join(ROOT, "projects/home/recap/config", f"{name}.yaml")
+    )
 
 
-def run_one(config_path: str, mode: str, bf16: bool, steps: int, size: int) -> dict:
+def _env(work: str) -> dict[str, str]:
+    return {"TML_DATA": os.path.join(work, "data"), "TML_RUNS": os.path.join(work, "runs")}
+
+
+def _load(path: str, work: str):
     from tml.core.config.loader import load_config
-    from tml.core.distributed import init_distributed
     from tml.projects.home.recap.config import RecapConfig
 
-    config = load_config(RecapConfig, config_path, env=ENV)
-    env = init_distributed("gloo", "cpu")
-    batches = _batches(config, steps + 3, size // env.world_size)
-    torch.manual_seed(0)
-    if mode == "plain":
-        from tml.projects.home.recap.build import build_train_module
+    return load_config(RecapConfig, path, NO_EVALUATION, env=_env(work))
 
-        module = build_train_module(config)
-        if env.world_size > 1:
-            module = torch.nn.parallel.DistributedDataParallel(module)
-        optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+
+def write_data(path: str, work: str, rows: int, row_group: int) -> str:
+    """The config's schema as Parquet, every drawn row kept (the rates only shape the labels' base rates)."""
+    from tml.projects.home.recap.data.synthetic import generate
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}")
+    if os.path.exists(os.path.join(folder, "oracle_auc.json")):
+        return folder
+    data = _load(path, work).train_data
+    tasks = {t: r.model_copy(update={"neg_downsampling_rate": 1.0}) for t, r in data.tasks.items()}
+    generate(
+        data.model_copy(update={"tasks": tasks}),
+        rows,
+        folder,
+        num_files=2,
+        rows_per_row_group=row_group,
+        progress=False,
+    )
+    return folder
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_in_memory(args) -> dict:
+    """One `plain` or `core` run in this process (a rank of torchrun when several)."""
+    import torch
+    import torchrec  # noqa: F401  (before the reader's KeyedJaggedTensor import: torchrec's import order)
+
+    from tml.core.distributed import init_distributed
+    from tml.projects.home.recap.build import build_recap_optimizer, build_sharded, task_names
+    from tml.reader.dataset import build_dataset
+
+    config = _load(args.one[0], args.work)
+    env = init_distributed("gloo", "cpu")
+    data = config.train_data.model_copy(
+        update={"inputs": os.path.join(args.one[2], "*.parquet"), "global_batch_size": args.batch_size}
+    )
+    iterator = iter(build_dataset(data, task_names(config), env.rank, env.world_size))
+    batches = [next(iterator) for _ in range(8)]  # cycled: in memory, like a plain benchmark's tensors
+    iterator.close()
+    bf16 = args.precision == "bf16"
+    torch.manual_seed(0)
+    sharded = build_sharded(config, env)
+    warm, steps = args.window, args.steps
+    if args.one[1] == "plain":
+        module, adam = sharded.module, config.optimizer.adam
+        params = [p for _, p in sharded.dense_named_parameters()]
+        optimizer = torch.optim.Adam(
+            params, lr=1e-4, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, fused=True
+        )
 
         def step(batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -80,91 +136,171 @@ def run_one(config_path: str, mode: str, bf16: bool, steps: int, size: int) -> d
             loss.backward()
             optimizer.step()
 
-        for batch in batches[:3]:
-            step(batch)
+        for i in range(warm):
+            step(batches[i % len(batches)])
         start = time.perf_counter()
-        for batch in batches[3:]:
-            step(batch)
+        for i in range(warm, steps):
+            step(batches[i % len(batches)])
     else:
+        from tml.core.state import LoopState
         from tml.core.train_loop import LoopOptions, train
-        from tml.projects.home.recap.build import build_recap_optimizer, build_sharded
+        from tml.reader.batch import RecapBatch
 
-        sharded = build_sharded(config, env)
         optimizer, scheduler = build_recap_optimizer(config, sharded)
         optimizers = [optimizer, *sharded.table_optimizers.values()]
-        options = LoopOptions(num_train_steps=3, train_log_every_n=10**9, bf16=bf16)
-        train(sharded.module, optimizers, scheduler, batches[:3], env, options)
-        options = LoopOptions(num_train_steps=3 + steps, train_log_every_n=10**9, bf16=bf16)
+
+        def cycle(first: int, last: int):
+            return (batches[i % len(batches)] for i in range(first, last))
+
+        def options(num_steps: int):
+            return LoopOptions(
+                num_train_steps=num_steps, train_log_every_n=10**9, bf16=bf16, batch_type=RecapBatch
+            )
+
+        state = LoopState()  # the second call continues the first one's step count
+        train(sharded.module, optimizers, scheduler, cycle(0, warm), env, options(warm), state=state)
         start = time.perf_counter()
-        train(sharded.module, optimizers, scheduler, batches[3:], env, options, start_step=3)
+        train(sharded.module, optimizers, scheduler, cycle(warm, steps), env, options(steps), state=state)
     seconds = time.perf_counter() - start
-    figures = torch.tensor([seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+    figures = torch.tensor([seconds, _peak_rss_mb()])
     torch.distributed.all_reduce(figures, op=torch.distributed.ReduceOp.MAX)  # the slowest, the largest
-    return {"examples_per_s": steps * size / figures[0].item(), "peak_rss_mb": figures[1].item()}
+    return {
+        "examples_per_s": (steps - warm) * args.batch_size / figures[0].item(),
+        "peak_rss_mb": figures[1].item(),
+    }
 
 
-def _launch(path: str, mode: str, bf16: str, procs: int, steps: int, batch_size: int) -> dict:
-    launcher = [sys.executable]
-    if procs > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    cmd = [
-        *launcher,
-        __file__,
-        "--one",
-        path,
-        mode,
-        bf16,
-        "--steps",
-        str(steps),
-        "--batch-size",
-        str(batch_size),
-    ]
-    # Every process gets an equal share of the cores (torchrun's default is one thread each).
-    threads = str(max(1, (os.cpu_count() or 1) // procs))
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": threads}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+def _launcher(procs: int, env: dict[str, str]) -> list[str]:
+    """The shim that reports its children's peak RSS, then torchrun for several processes."""
+    shim = [sys.executable, "-c", _SHIM]
+    if procs == 1:
+        return shim
+    env.pop("OMP_NUM_THREADS", None)  # torchrun's own default (1 thread per process) applies
+    return [*shim, sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+
+
+def launch_in_memory(args, path: str, folder: str, mode: str, procs: int) -> dict:
+    env = {**os.environ, **_env(args.work)}
+    env.pop("OMP_NUM_THREADS", None)
+    if args.plain_threads and procs == 1:
+        env["OMP_NUM_THREADS"] = str(args.plain_threads)
+    sizes = ["--steps", str(args.steps), "--window", str(args.window), "--batch-size", str(args.batch_size)]
+    script = [__file__] if procs > 1 else [sys.executable, __file__]
+    cmd = [*_launcher(procs, env), *script, "--one", path, mode, folder, "--work", args.work,
+           "--precision", args.precision, *sizes]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{mode} run failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _median_run(runs: list[dict]) -> dict:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+def launch_e2e(args, path: str, folder: str, procs: int) -> dict:
+    """`tml-recap train` from the Parquet files; examples/s of the windows after the first."""
+    env = {**os.environ, **_env(args.work)}
+    env.pop("OMP_NUM_THREADS", None)
+    run_dir = os.path.join(args.work, "runs", f"e2e-{os.getpid()}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [
+        f"train_data.inputs={os.path.join(folder, '*.parquet')}",
+        f"train_data.global_batch_size={args.batch_size}",
+        f"training.num_train_steps={args.steps}",
+        f"training.train_log_every_n={args.window}",
+        f"training.save_dir={run_dir}",
+        *NO_EVALUATION,
+        *(["training.mixed_precision=bf16"] if args.precision == "bf16" else []),
+        *args.e2e_overrides,
+    ]
+    tml_recap = os.path.join(os.path.dirname(sys.executable), "tml-recap")
+    entry = ["-m", "tml.projects.home.recap.main"] if procs > 1 else [tml_recap]
+    cmd = [*_launcher(procs, env), *entry, "train", "--config", path, *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"e2e run failed:\n{done.stderr[-4000:]}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rates = [json.loads(line)["train/examples_per_s"] for line in f if "train/examples_per_s" in line]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if len(rates) < 2:
+        raise RuntimeError(f"e2e run logged {len(rates)} windows; need steps >= 2 x window")
+    # Every window after the first holds `window` steps: their total time is the sum of examples / rate.
+    steady = len(rates[1:]) / sum(1 / r for r in rates[1:])
+    return {"examples_per_s": steady, "peak_rss_mb": _maxrss_mb(done.stderr)}
+
+
+def _maxrss_mb(stderr: str) -> float:
+    line = next(line for line in stderr.splitlines()[::-1] if line.startswith("MAXRSS_KIB"))
+    return int(line.split()[1]) / 1024
+
+
+def _range(values: list[float], fmt: str) -> str:
+    median = format(statistics.median(values), fmt)
+    return median if len(values) == 1 else f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["local", "prod"])
     parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument(
-        "--repeat", type=int, default=1, help="alternate plain/core runs this often; print medians"
+        "--variants", nargs="+", default=["plain", "core", "e2e"], choices=["plain", "core", "e2e"]
     )
-    parser.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "BF16"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, help="steps per run (default: per config, see SIZES)")
+    parser.add_argument("--window", type=int, help="steps per measuring window; the first is warm-up")
+    parser.add_argument("--batch-size", type=int, help="global batch (default: per config)")
+    parser.add_argument("--plain-threads", type=int, help="OMP_NUM_THREADS of one-process plain/core runs")
+    parser.add_argument("--e2e-overrides", nargs="*", default=[], help="extra config overrides of e2e runs")
+    parser.add_argument("--label", default="", help="printed with each row")
+    parser.add_argument(
+        "--work", default="/tmp/tml-bench-recap", help="data (kept between runs) and run folders"
+    )
+    parser.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        config, mode, bf16 = args.one
-        result = run_one(config, mode, bf16 == "1", args.steps, args.batch_size)
+        result = run_in_memory(args)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
         return
-    print(f"{args.steps} steps x {args.batch_size} examples (global batch), {os.cpu_count()} CPU cores")
+    print(f"{os.cpu_count()} CPU cores, {args.precision}, {args.repeat} repeats {args.label}")
+    asked = {key: getattr(args, key) for key in ("steps", "window", "batch_size")}
     for name in args.configs:
-        path = os.path.join(ROOT, "projects/home/recap/config", f"{name}.yaml")
-        for procs, bf16 in [(p, b) for p in args.procs for b in ("0", "1")]:
-            runs = {"plain": [], "core": []}
-            for _ in range(args.repeat):
-                for mode in runs:
-                    runs[mode].append(_launch(path, mode, bf16, procs, args.steps, args.batch_size))
-            ratios = [c["examples_per_s"] / p["examples_per_s"] for p, c in zip(*runs.values(), strict=True)]
-            results = {mode: _median_run(values) for mode, values in runs.items()}
-            p, c = results["plain"], results["core"]
+        size = SIZES.get(os.path.splitext(os.path.basename(name))[0], SIZES["local"])
+        args.steps = asked["steps"] or size["steps"]
+        args.window = asked["window"] or size["window"]
+        args.batch_size = asked["batch_size"] or size["batch"]
+        path = config_path(name)
+        folder = write_data(path, args.work, size["rows"], size["row_group"])
+        for procs in args.procs:
+            runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+            load_before = os.getloadavg()[0]
+            for repeat in range(args.repeat):
+                order = (
+                    args.variants[repeat % len(args.variants) :]
+                    + args.variants[: repeat % len(args.variants)]
+                )
+                for variant in order:
+                    if variant == "e2e":
+                        result = launch_e2e(args, path, folder, procs)
+                    else:
+                        result = launch_in_memory(args, path, folder, variant, procs)
+                    runs[variant].append(result)
+            load = f"load {load_before:.1f}-{os.getloadavg()[0]:.1f}"
+            cells = []
+            for variant, results in runs.items():
+                rates = [r["examples_per_s"] for r in results]
+                cell = f"{variant} {_range(rates, ',.0f')} ex/s"
+                if "plain" in runs and variant != "plain":
+                    ratios = [r / p["examples_per_s"] for r, p in zip(rates, runs["plain"], strict=True)]
+                    rss = statistics.median(r["peak_rss_mb"] for r in results) / statistics.median(
+                        p["peak_rss_mb"] for p in runs["plain"]
+                    )
+                    cell += f" = {_range(ratios, '.2f')}x, RSS {statistics.median(r['peak_rss_mb'] for r in results):,.0f} MB = {rss:.2f}x"
+                else:
+                    cell += f", RSS {statistics.median(r['peak_rss_mb'] for r in results):,.0f} MB"
+                cells.append(cell)
             print(
-                f"{name:6s} {procs} proc {'bf16' if bf16 == '1' else 'fp32'}: "
-                f"plain {p['examples_per_s']:9,.0f} ex/s  "
-                f"core {c['examples_per_s']:9,.0f} ex/s  ratio {statistics.median(ratios):.2f}"
-                f" (runs {min(ratios):.2f}-{max(ratios):.2f})  |  "
-                f"peak RSS plain {p['peak_rss_mb']:,.0f} MB  core {c['peak_rss_mb']:,.0f} MB  "
-                f"ratio {c['peak_rss_mb'] / p['peak_rss_mb']:.2f}"
+                f"{os.path.basename(path)} {procs} proc {args.label}: " + " | ".join(cells) + f" | {load}",
+                flush=True,
             )
 
 

@@ -146,19 +146,26 @@ def hash_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def cpu_share() -> int:
+    """This process's share of the usable cores: they are split between the LOCAL_WORLD_SIZE processes of
+    this machine (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(_env_int("LOCAL_WORLD_SIZE", 1), 1))
+
+
 def configure_cpu_threads(requested: int | None, reserved: int = 1) -> int:
     """Set torch's intra-op thread count and return it.
 
     `requested` wins; else OMP_NUM_THREADS (already applied by torch) is kept; else this process's share
-    of the usable cores (LOCAL_WORLD_SIZE processes per machine) minus `reserved` cores for other busy
-    threads (the data reader), at least 1. OpenMP threads that compete with other threads for the same
-    cores wait on each other at every parallel region, which costs far more than the thread they add.
+    of the usable cores (`cpu_share`) minus `reserved` cores for other busy threads (the data reader), at
+    least 1. OpenMP threads that compete with other threads for the same cores wait on each other at every
+    parallel region, which costs far more than the thread they add. A training process gives the reserved
+    core back once it measures that the reader leaves it idle (tml.core.cpu_threads.ThreadTuner).
     """
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     if requested is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        requested = max(1, cores // max(_env_int("LOCAL_WORLD_SIZE", 1), 1) - reserved)
+        requested = max(1, cpu_share() - reserved)
     torch.set_num_threads(requested)
     return requested
 

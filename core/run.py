@@ -26,8 +26,10 @@ import yaml
 from torch import nn
 
 from tml.core.checkpoint import Checkpointer, Preempted, complete_steps, model_differences, warm_start
+from tml.core.compile import compile_dense
 from tml.core.config.loader import ConfigError, save_config
 from tml.core.config.training import TrainingConfig
+from tml.core.cpu_threads import thread_tuner
 from tml.core.distributed import DistEnv, configure_cpu_threads, init_distributed, seed_ranks
 from tml.core.profiling import StepProfiler
 from tml.core.sharding import ShardedModel
@@ -70,6 +72,11 @@ def start(training: TrainingConfig) -> DistEnv:
 def use_bf16(training: TrainingConfig, env: DistEnv) -> bool:
     mode = training.mixed_precision
     return mode == "bf16" or (mode == "auto" and env.device.type == "cuda")
+
+
+def use_compile(training: TrainingConfig) -> bool:
+    """Whether `fit` compiles the dense parts (`training.compile`; auto is none: see its description)."""
+    return training.compile == "dense"
 
 
 @dataclasses.dataclass
@@ -233,7 +240,13 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         pipeline=t.pipeline,
         batch_type=job.batch_type,
         profiler=_profiler(t, env),
+        threads=thread_tuner(t.num_threads, env, job.train_data, t.gradient_accumulation),
     )
+    if use_compile(t):
+        compiled = compile_dense(job.sharded.module)
+        logger.info(
+            "compiled (training.compile=%s): %s", t.compile, ", ".join(n or "<model>" for n in compiled)
+        )
     optimizers = [job.optimizer, *job.sharded.table_optimizers.values()]
     status = "failure"
     try:

@@ -58,6 +58,7 @@ class LoopOptions:
     pipeline: Pipeline = "auto"
     batch_type: type | None = None
     profiler: object | None = None  # core.profiling.StepProfiler: told before and after every step
+    threads: object | None = None  # core.cpu_threads.ThreadTuner: told before and after every step
 
 
 @dataclasses.dataclass
@@ -242,15 +243,18 @@ def train(
     bar = progress_bar(options.num_train_steps - state.step, "train", env.rank)
     window = _Window(env, checkpointer, losses)
     evaluated, profiler = None, options.profiler or _NoProfiler()
+    threads = options.threads or _NoProfiler()
     try:
         while state.step < options.num_train_steps:
             profiler.before(state.step + 1)
+            threads.before(state.step + 1)
             step_loss = _step(progress, data, options, state, window)
             if step_loss is None:
                 logger.info("data ended on a rank after %d steps; all ranks stop", state.step)
                 break
             step = state.step
             profiler.after(step)
+            threads.after(step)
             window.pending.append(step_loss)
             bar.update(1)
             if step % options.train_log_every_n == 0 or step == options.num_train_steps:

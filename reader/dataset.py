@@ -174,6 +174,13 @@ class ParquetDataset(Generic[BatchT]):
                     footers.append(None)
         return footers
 
+    def cpu_seconds_per_batch(self) -> float | None:
+        """CPU seconds the reading threads spend per batch (decoding, shuffling, batching; waiting costs
+        none), averaged over the rows decoded so far by every iterator; None before the first row. A
+        training process compares it with its step time (tml.core.cpu_threads)."""
+        cpu = self._source.cpu
+        return cpu.seconds / cpu.rows * self._batch_size if cpu.rows else None
+
     def plan_summary(self) -> str:
         """One paragraph: what this run reads (files, rows, folders, first and last files) and how."""
         files = self.plan.inputs

@@ -6,6 +6,8 @@ deterministic. What a row is stays the decoder's business (tml.reader.decoder): 
 columns, call `decode`, cut, permute and join chunks with their row operations and call `to_batch`. At most about 2 x num_workers row groups, one shuffle window and `prefetch_batches` batches
 are held at a time. An exception in any thread reaches the consumer, with the file named in its message.
 The threads reference neither the iterator nor the dataset, so closing or dropping the iterator stops them.
+The CPU time they use (decoding, shuffling, batching) is summed in `Source.cpu`: a training process sizes
+torch's threads by it (tml.core.cpu_threads).
 
 Example:
     it = BatchIterator(source, start_epoch=0, skip_rows=0, stats={}, on_batch=lambda: None)
@@ -20,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +42,19 @@ class _Failure:
     error: BaseException
 
 
+class CpuMeter:
+    """CPU seconds the reader's threads have used (each adds its own thread time) and rows decoded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds, self.rows = 0.0, 0
+
+    def add(self, seconds: float, rows: int = 0) -> None:
+        with self._lock:
+            self.seconds += seconds
+            self.rows += rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """What the threads need: files, their footers, the decoder and the epoch schedule (flat data)."""
@@ -52,14 +68,26 @@ class Source:
     plan_epoch: Callable[[int], EpochPlan]
     num_workers: int
     prefetch_batches: int
+    cpu: CpuMeter = dataclasses.field(default_factory=CpuMeter)
 
 
 def decode_unit(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:
+    start = time.thread_time()
+    result = _decode(source, unit)
+    source.cpu.add(time.thread_time() - start, result[0].num_rows)
+    return result
+
+
+def _decode(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:
     path = source.paths[unit.file]
     try:
         with open_input(source.fs, path) as handle:
             parquet = pq.ParquetFile(handle, metadata=source.metadata[unit.file])
-            table = parquet.read_row_group(unit.row_group, columns=source.decoder.columns())
+            # Decoded in this thread: the reader's parallelism is num_workers row groups at a time (pyarrow's
+            # own pool would add threads competing with them and with torch's, and hide their CPU time).
+            table = parquet.read_row_group(
+                unit.row_group, columns=source.decoder.columns(), use_threads=False
+            )
         return source.decoder.decode(table, path, unit.row_group)
     except DataError:
         raise
@@ -104,9 +132,16 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
     pending: collections.deque = collections.deque()
     held: list[Chunk] = []
     held_rows = 0
+    clock = [time.thread_time()]  # this thread's CPU time; waiting on queues and futures adds none
+
+    def count_cpu() -> None:
+        now = time.thread_time()
+        source.cpu.add(now - clock[0])
+        clock[0] = now
 
     def emit(rows: int) -> bool:
         nonlocal held, held_rows
+        count_cpu()
         parts, taken = [], 0
         while taken < rows:
             chunk = held[0]
@@ -167,6 +202,7 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
         _put(out, _Failure(error), stop)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        count_cpu()
 
 
 class BatchIterator:

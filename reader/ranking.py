@@ -111,10 +111,12 @@ def _check_finite(
     # reduction; an overflowing sum of finite values only falls through to the exact check below.
     if bool(torch.isfinite(tensor.sum())):
         return tensor
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
+    # numpy's isfinite and count_nonzero are vectorised; torch's boolean kernels are 10-30x slower on CPU
+    # (benchmarks/RESULTS.md, "Reader decode cost").
+    finite = np.isfinite(tensor.numpy())
+    bad = finite.size - int(np.count_nonzero(finite))
+    if not bad:
         return tensor
-    bad = int(finite.numel() - finite.sum())
     if policy == "error":
         raise DataError(
             f"{where}: column for dense '{name}' has {bad} non-finite values (NaN/inf/null), "
@@ -122,7 +124,7 @@ def _check_finite(
         )
     counts[name] = counts.get(name, 0) + bad
     if policy == "zero":
-        return torch.where(finite, tensor, torch.zeros((), dtype=tensor.dtype))
+        return torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0)
     return tensor
 
 

@@ -77,6 +77,14 @@ class TrainingConfig(BaseConfig):
             "auto: sparse_dist on cuda for models with fused embedding tables, eager otherwise."
         ),
     )
+    compile: Literal["auto", "none", "dense"] = _F(
+        "auto",
+        description=(
+            "torch.compile of the model's dense parts (every submodule without embedding tables; "
+            "docs/training.md): dense, or none; auto: none (no machine kind measured in "
+            "benchmarks/RESULTS.md gains from it by default)."
+        ),
+    )
     profile: ProfileConfig | None = _F(
         None, description="Trace some steps with torch.profiler into <save_dir>/profile/ (None: off)."
     )
@@ -91,7 +99,8 @@ class TrainingConfig(BaseConfig):
         description=(
             "torch's intra-op CPU threads per process. None: OMP_NUM_THREADS when set (torchrun sets 1), "
             "else this process's share of the cores minus one left to the data reader's decoding threads "
-            "(oversubscribed cores halve CPU training speed)."
+            "(oversubscribed cores halve CPU training speed); a CPU run then times its first steps and "
+            "gives torch that core too when that is faster (docs/training.md). Set it for bit-identical reruns."
         ),
     )
 

@@ -1,4 +1,5 @@
-"""configure_cpu_threads: the config wins, then OMP_NUM_THREADS, then the process's share of the cores."""
+"""configure_cpu_threads: the config wins, then OMP_NUM_THREADS, then the process's share of the cores minus one
+for the reader; ThreadTuner gives that core to torch when measuring shows it wins."""
 
 from __future__ import annotations
 
@@ -38,3 +39,79 @@ def test_share_of_cores_minus_the_reader(monkeypatch, cores, local_world, expect
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert configure_cpu_threads(None) == expected and torch.get_num_threads() == expected
+
+
+class _Machine:
+    """A fake clock where a step takes `seconds[threads]`, and torch's thread count as a plain number."""
+
+    def __init__(self, monkeypatch, seconds: dict[int, float], threads: int = 1) -> None:
+        self.now, self.seconds, self.threads, self.calls = 0.0, seconds, threads, []
+        monkeypatch.setattr(torch, "get_num_threads", lambda: self.threads)
+        monkeypatch.setattr(torch, "set_num_threads", self._set)
+
+    def _set(self, n: int) -> None:
+        self.calls.append(n)
+        self.threads = n
+
+    def clock(self) -> float:
+        return self.now
+
+    def train(self, tuner, steps: int) -> None:
+        for step in range(1, steps + 1):
+            tuner.before(step)
+            self.now += self.seconds[self.threads]
+            tuner.after(step)
+            self.now += 10.0  # a checkpoint or evaluation between steps: not step time
+
+
+def _tuner(machine, reader_s_per_batch: float, share: int = 2):
+    from tml.core.cpu_threads import ThreadTuner
+
+    return ThreadTuner(lambda: reader_s_per_batch, share, clock=machine.clock)
+
+
+def test_a_compute_bound_model_gets_the_readers_core(monkeypatch):
+    machine = _Machine(monkeypatch, {1: 1.0, 2: 0.55})
+    tuner = _tuner(machine, reader_s_per_batch=0.05)  # 5% of a core at 1 step/s
+    machine.train(tuner, 100)
+    # warm-up 5, window of 5 steps (>= 2 s) at 1 thread, 2 settling steps, window at 2 threads.
+    assert tuner.decided == 2 and machine.threads == 2 and machine.calls == [2, 2]
+    assert tuner.rates == {1: 1.0, 2: pytest.approx(1 / 0.55)} and tuner.reader_busy == pytest.approx(0.05)
+
+
+def test_a_busy_reader_keeps_its_core_without_a_trial(monkeypatch):
+    machine = _Machine(monkeypatch, {1: 0.02, 2: 0.01})
+    tuner = _tuner(machine, reader_s_per_batch=0.012)  # 60% of a core at 50 steps/s
+    machine.train(tuner, 400)
+    assert tuner.decided == 1 and machine.calls == [1] and 2 not in tuner.rates
+
+
+def test_the_full_share_must_win_by_the_margin(monkeypatch):
+    machine = _Machine(monkeypatch, {1: 1.0, 2: 0.97})  # 3% faster: within the margin
+    tuner = _tuner(machine, reader_s_per_batch=0.01)
+    machine.train(tuner, 100)
+    assert tuner.decided == 1 and machine.calls == [2, 1] and machine.threads == 1
+
+
+def test_the_tuner_runs_only_when_threads_are_automatic(monkeypatch):
+    from tml.core.cpu_threads import ThreadTuner, thread_tuner
+    from tml.core.distributed import DistEnv
+
+    class Data:
+        def cpu_seconds_per_batch(self):
+            return 0.01
+
+    cpu, cuda = (DistEnv(0, 1, 0, torch.device(kind), "gloo") for kind in ("cpu", "cuda"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    torch.set_num_threads(1)
+    assert isinstance(thread_tuner(None, cpu, Data()), ThreadTuner)
+    assert thread_tuner(1, cpu, Data()) is None  # training.num_threads set
+    assert thread_tuner(None, cuda, Data()) is None
+    assert thread_tuner(None, cpu, object()) is None  # data that does not report its cost
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one core per process: nothing to give
+    assert thread_tuner(None, cpu, Data()) is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert thread_tuner(None, cpu, Data()) is None

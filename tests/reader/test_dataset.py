@@ -182,3 +182,12 @@ def test_dense_only_does_not_import_torchrec(files, rd):
         "assert 'torchrec' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cpu_cost_per_batch_counts_the_reading_threads(files, rd):
+    dataset = build_dataset(rd.base_config(str(files)), ["click"])
+    assert dataset.cpu_seconds_per_batch() is None  # nothing decoded yet
+    rows = sum(batch.batch_size for batch in dataset)
+    cost = dataset.cpu_seconds_per_batch()
+    # Every row decoded once, and its CPU time counted: a positive cost, far from a second per tiny batch.
+    assert dataset._source.cpu.rows == rows and 0 < cost < 1.0

@@ -1,0 +1,124 @@
+"""torch's CPU threads against the data reader's: the core kept for the reader goes to torch when that wins.
+
+A CPU training process starts with its share of the cores minus one left to the reader's decoding threads
+(`core.distributed.configure_cpu_threads`): OpenMP threads that share their cores with busy reader threads
+wait on each other at every parallel region. That is right for an input-bound model (local.yaml: its
+reader keeps most of a core busy) and wrong for a compute-bound one (prod.yaml: the reader needs a few
+percent of a core, and the reserved core idles). No static rule tells the two apart, so `ThreadTuner`
+measures, once per process, over the first steps:
+
+1. warm-up (`warmup_steps` steps), then a window at the start count: steps/s, and from the reader's CPU
+   seconds per batch (`reader_seconds_per_batch`, tml.reader's `ParquetDataset.cpu_seconds_per_batch`,
+   averaged over every row it decoded: its queues hold many batches, a short window would miss them) the
+   share of a core it needs at that speed; a reader that needs at least `busy_reader` of a core keeps its
+   core, no trial;
+2. otherwise a window with every core of the process's share (after `settle_steps` steps of thread start);
+3. the faster count is kept (the full share must win by `margin`), and the decision is logged.
+
+Windows last at least `window_steps` steps and `window_seconds` of step time (logging, checkpoints and
+evaluations between steps are not counted). A resumed run measures again. The decision depends on timing,
+and a different thread count changes floating-point results in their last bits: set `training.num_threads`
+(or OMP_NUM_THREADS) for bit-identical reruns; either disables the tuner. Measured in
+benchmarks/RESULTS.md ("End to end").
+
+Example:
+    tuner = thread_tuner(config.training.num_threads, env, dataset)  # None when nothing is to decide
+    train(..., LoopOptions(..., threads=tuner))  # the loop calls before(step) / after(step)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from tml.core.distributed import DistEnv, cpu_share
+from tml.ml_logging.log import get_logger
+
+logger = get_logger(__name__)
+
+
+class ThreadTuner:
+    """Told before and after every training step; sets torch's thread count once it has measured."""
+
+    def __init__(
+        self,
+        reader_seconds_per_batch: Callable[[], float | None],
+        share: int,
+        batches_per_step: int = 1,
+        warmup_steps: int = 5,
+        window_steps: int = 5,
+        window_seconds: float = 2.0,
+        settle_steps: int = 2,
+        busy_reader: float = 0.5,
+        margin: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.reader, self.clock, self.batches_per_step = reader_seconds_per_batch, clock, batches_per_step
+        self.low, self.high = torch.get_num_threads(), share
+        self.warmup_steps, self.window_steps, self.window_seconds = warmup_steps, window_steps, window_seconds
+        self.settle_steps, self.busy_reader, self.margin = settle_steps, busy_reader, margin
+        self.phase, self.count, self.step_time = "warmup", 0, 0.0
+        self.rates: dict[int, float] = {}
+        self.reader_busy: float | None = None  # cores, measured in the first window
+        self.decided: int | None = None
+        self._step_start = 0.0
+
+    def before(self, step: int) -> None:
+        self._step_start = self.clock()
+
+    def after(self, step: int) -> None:
+        if self.decided is not None:
+            return
+        self.count += 1
+        self.step_time += self.clock() - self._step_start
+        if self.phase in ("warmup", "settle"):
+            if self.count >= (self.warmup_steps if self.phase == "warmup" else self.settle_steps):
+                self._open("low" if self.phase == "warmup" else "high")
+            return
+        if self.count < self.window_steps or self.step_time < self.window_seconds:
+            return
+        threads = self.low if self.phase == "low" else self.high
+        self.rates[threads] = self.count / self.step_time
+        if self.phase == "low":
+            per_batch = self.reader() or 0.0
+            self.reader_busy = per_batch * self.batches_per_step * self.rates[self.low]
+            if self.reader_busy >= self.busy_reader:
+                self._decide(self.low, step)
+                return
+            torch.set_num_threads(self.high)
+            self.phase, self.count, self.step_time = "settle", 0, 0.0
+            return
+        faster = self.rates[self.high] > self.rates[self.low] * (1 + self.margin)
+        self._decide(self.high if faster else self.low, step)
+
+    def _open(self, phase: str) -> None:
+        self.phase, self.count, self.step_time = phase, 0, 0.0
+
+    def _decide(self, threads: int, step: int) -> None:
+        self.decided = threads
+        torch.set_num_threads(threads)
+        rates = ", ".join(f"{n} thread(s) {rate:.3g} steps/s" for n, rate in sorted(self.rates.items()))
+        logger.info(
+            "torch CPU threads: %d from step %d (measured %s; the data reader needs %.2f of a core)",
+            threads,
+            step + 1,
+            rates,
+            self.reader_busy,
+        )
+
+
+def thread_tuner(
+    requested: int | None, env: DistEnv, train_data: object, batches_per_step: int = 1
+) -> ThreadTuner | None:
+    """A ThreadTuner when the thread count is automatic (no `requested`, no OMP_NUM_THREADS), the model
+    trains on the CPU, the data reports its CPU cost (`cpu_seconds_per_batch()`) and a core was kept for
+    the reader."""
+    reader = getattr(train_data, "cpu_seconds_per_batch", None)
+    if requested is not None or os.environ.get("OMP_NUM_THREADS") or env.device.type != "cpu":
+        return None
+    if reader is None or torch.get_num_threads() >= cpu_share():
+        return None
+    return ThreadTuner(reader, cpu_share(), batches_per_step)
