@@ -304,7 +304,24 @@ def warm_start(module: nn.Module, path: str) -> list[str]:
     fresh = [n for n in current if n not in loadable]
     dcp.load({"model": loadable}, checkpoint_id=path, planner=_LoadPlanner())
     load_model_state(module, {**current, **loadable})
-    logger.info("warm start from %s: %d tensors loaded", path, len(loadable))
-    if fresh:
-        logger.info("warm start: freshly initialised (new or changed shape): %s", ", ".join(fresh))
+    logger.info("warm start from %s: %d tensors loaded: %s", path, len(loadable), _by_module(loadable))
+    new = [n for n in fresh if n not in saved]
+    if new:
+        logger.info("warm start: new, freshly initialised: %s", _by_module(new))
+    for name in fresh:
+        if name in saved:
+            shapes = f"saved {list(saved[name])}, model {list(current[name].shape)}"
+            logger.info("warm start: changed shape, freshly initialised: %s (%s)", name, shapes)
+    dropped = [n for n in saved if n not in current]
+    if dropped:
+        logger.info("warm start: in the checkpoint, not in the model (not loaded): %s", _by_module(dropped))
     return fresh
+
+
+def _by_module(names) -> str:
+    """Tensor names counted per module three levels deep: `model.towers.fav (4), model.backbone (6)`."""
+    counts: dict[str, int] = {}
+    for name in names:
+        module = ".".join(name.split(".")[:3])
+        counts[module] = counts.get(module, 0) + 1
+    return ", ".join(f"{module} ({count})" for module, count in counts.items())
