@@ -14,6 +14,7 @@ from tml.ml_logging.console import eval_tables
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.build import build_metrics, build_validation_data
 from tml.projects.home.recap.config import RecapConfig
+from tml.projects.home.recap.reliability import CalibrationReport, write_diagrams
 from tml.reader.dataset import ParquetDataset
 
 logger = get_logger(__name__)
@@ -25,14 +26,20 @@ def validate(
     env: DistEnv,
     bf16: bool,
     datasets: dict[str, ParquetDataset],
+    reports: dict | None = None,
+    knots: dict | None = None,
 ) -> dict[str, float]:
     """Evaluate each partition (`datasets`, from build_validation_data: one new pass each):
-    `eval/<partition>/[<segment>/]<task>/<metric>` (reduced over ranks)."""
+    `eval/<partition>/[<segment>/]<task>/<metric>` (reduced over ranks). With `reports` (a dict), each
+    partition's `reliability.CalibrationReport` lands there, and with `knots` (a fitted isotonic map) the
+    metrics of the calibrated probabilities are added as `.../<task>/isotonic_<metric>`."""
     steps = config.training.num_eval_steps
     steps = None if steps is None or steps < 0 else steps
     results: dict[str, float] = {}
     for name, data in config.validation_data.items():
         metrics = build_metrics(config, env.device)
+        if reports is not None:
+            metrics = reports[name] = CalibrationReport(metrics, config, knots, env.device)
         values = evaluate(
             module,
             datasets[name],
@@ -58,20 +65,32 @@ def print_table(results: dict[str, float]) -> str:
 
 def evaluate_checkpoint(config: RecapConfig, checkpoint: str | None, output: str | None) -> dict[str, float]:
     """`tml-recap evaluate`: every partition on a checkpoint; writes `<save_dir>/evaluate/step-N.json` (or
-    `output`) and prints the table on rank 0."""
+    `output`) and a reliability diagram per partition and task beside it, and prints the table on rank 0.
+    With the checkpoint's calibration file, the isotonic-calibrated metrics are reported too."""
+    from tml.core.checkpoint import resolve_checkpoint
     from tml.core.run import use_bf16
     from tml.projects.home.recap.build import build_for_inference
+    from tml.projects.home.recap.calibration import checkpoint_calibration
 
     if not config.validation_data:
         raise ConfigError("evaluate: the config has no validation_data partitions to evaluate")
+    checkpoint = resolve_checkpoint(checkpoint or config.training.save_dir)
     env, sharded, step = build_for_inference(config, checkpoint)
+    found = checkpoint_calibration(config, sharded.module, checkpoint)
     datasets = build_validation_data(config, env)
-    results = validate(config, sharded.module, env, use_bf16(config.training, env), datasets)
+    reports: dict[str, CalibrationReport] = {}
+    bf16 = use_bf16(config.training, env)
+    results = validate(config, sharded.module, env, bf16, datasets, reports, found and found[0])
     if env.is_main:
         path = output or os.path.join(config.training.save_dir, "evaluate", f"step-{step}.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"step": step, **results}, f, indent=1)
+        diagrams = write_diagrams(reports, list(config.model.tasks), path.removesuffix(".json"))
         print(print_table(results))
-        logger.info("evaluation of step %d written to %s", step, path)
+        logger.info(
+            "evaluation of step %d written to %s (and %d reliability diagrams)", step, path, len(diagrams)
+        )
+        if found:
+            logger.info("isotonic_* columns: the probabilities calibrated by %s", found[1])
     return results

@@ -68,7 +68,11 @@ def predict_checkpoint(
     config: RecapConfig, checkpoint: str | None, inputs: str, output: str, overwrite: bool
 ) -> str:
     """`tml-recap predict`: load `checkpoint` (default: save_dir's latest) and score `inputs` into `output`."""
+    from tml.core.checkpoint import resolve_checkpoint
     from tml.projects.home.recap.build import build_for_inference
+    from tml.projects.home.recap.calibration import apply_calibration
 
+    checkpoint = resolve_checkpoint(checkpoint or config.training.save_dir)
     env, sharded, _ = build_for_inference(config, checkpoint)
+    apply_calibration(config, sharded.module, checkpoint)  # the checkpoint's isotonic map, if fitted
     return write_predictions(config, sharded.module, env, inputs, output, overwrite)

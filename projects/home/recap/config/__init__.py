@@ -16,7 +16,9 @@ from tml.core.config.base import BaseConfig
 from tml.core.config.training import TrainingConfig
 from tml.core.errors import UserError
 from tml.optimizers.config import AdagradConfig, AdamConfig, LearningRate, SgdConfig
+from tml.projects.home.recap.config.calibration import CalibrationConfig
 from tml.projects.home.recap.config.model import ModelConfig
+from tml.projects.home.recap.config.plan import PlanConfig
 from tml.reader.config import DataConfig, DataSource, ValidationDataConfig
 from tml.reader.schema import resolve_dense_specs
 
@@ -93,6 +95,12 @@ class RecapConfig(BaseConfig):
     )
     optimizer: RecapOptimizerConfig = _F(description="Dense optimizer and learning-rate schedules.")
     prediction: PredictionConfig = _F(default_factory=PredictionConfig, description="`predict` mode.")
+    calibration: CalibrationConfig = _F(
+        default_factory=CalibrationConfig, description="Isotonic calibration (`calibrate`; docs/platform.md)."
+    )
+    plan: PlanConfig = _F(
+        default_factory=PlanConfig, description="`tml-recap plan`'s phases (docs/platform.md)."
+    )
 
     @pydantic.model_validator(mode="after")
     def _match_tasks(self) -> RecapConfig:

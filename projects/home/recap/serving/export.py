@@ -25,6 +25,7 @@ from tml.core.checkpoint import load_weights, resolve_checkpoint
 from tml.core.config.loader import save_config
 from tml.core.errors import UserError
 from tml.ml_logging.log import get_logger
+from tml.projects.home.recap.calibration import apply_calibration
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.model.serving import dense_input_names, sparse_input_rows, to_serving
 from tml.projects.home.recap.serving import artifact as fmt
@@ -136,9 +137,10 @@ def export_checkpoint(
         except ValueError as error:  # "checkpoint ... does not fit this model: <tensors>"
             raise ExportError(f"{error} (is --config the config this checkpoint was trained with?)") from None
     logger.info("loaded %s (step %d) into one process", path, step)
-    return write_artifact(
-        config, serving, output, {"path": os.path.abspath(path), "step": step}, compile_mode
-    )
+    source = {"path": os.path.abspath(path), "step": step}
+    if groups is None:  # the ranker's heads take the checkpoint's isotonic map, when one was fitted
+        source["calibration"] = apply_calibration(config, serving, path)
+    return write_artifact(config, serving, output, source, compile_mode)
 
 
 def build_serving(config: RecapConfig, groups: list[str] | None = None) -> torch.nn.Module:
