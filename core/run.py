@@ -25,7 +25,15 @@ import torch
 import yaml
 from torch import nn
 
-from tml.core.checkpoint import Checkpointer, Preempted, complete_steps, model_differences, warm_start
+from tml.core.checkpoint import (
+    Checkpointer,
+    Preempted,
+    complete_steps,
+    load_weights,
+    model_differences,
+    resolve_checkpoint,
+    warm_start,
+)
 from tml.core.compile import compile_dense
 from tml.core.config.loader import ConfigError, save_config
 from tml.core.config.training import TrainingConfig
@@ -131,21 +139,44 @@ def _first_difference(saved: Any, current: Any, key: str) -> str | None:
     return None if saved == current else f"{key}: {saved!r} -> {current!r}"
 
 
+def model_section_difference(config: pydantic.BaseModel, run_dir: str, section: str = "model") -> str | None:
+    """The first key where `config`'s `section` differs from the one `<run_dir>/config.yaml` was trained
+    with ("model.a.b: old -> new"), or None (the same, or the run folder has no config.yaml)."""
+    saved_config = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved_config):
+        return None
+    with open(saved_config) as f:
+        saved = (yaml.safe_load(f) or {}).get(section)
+    return _first_difference(saved, config.model_dump(mode="json", by_alias=True).get(section), section)
+
+
+def load_trained(
+    module: nn.Module, checkpoint: str, config: pydantic.BaseModel, section: str = "model"
+) -> int:
+    """`load_weights` for evaluate / predict / export, after checking that `config` describes the model the
+    checkpoint's run trained: constants that live in the config, not the checkpoint (pos_weight, affine maps,
+    downsampling rates), would otherwise change predictions silently. Returns the checkpoint's step."""
+    path = resolve_checkpoint(checkpoint)
+    run_dir = os.path.dirname(os.path.dirname(path))
+    difference = model_section_difference(config, run_dir, section)
+    if difference is not None:
+        raise ConfigError(
+            f"checkpoint {path} was trained with a different model ({difference}); use the run's own "
+            f"config ({os.path.join(run_dir, 'config.yaml')}) or the same `{section}` section"
+        )
+    return load_weights(module, path)
+
+
 def check_resume(job: TrainJob, checkpoint: str) -> None:
     """Refuse (ResumeError) to continue `checkpoint` with a different model; reads only."""
     t = job.training
     advice = "use a new `training.save_dir` with `initial_checkpoint_dir` to warm start"
-    saved_config = os.path.join(t.save_dir, "config.yaml")
-    if os.path.exists(saved_config):
-        with open(saved_config) as f:
-            saved = (yaml.safe_load(f) or {}).get(job.model_section)
-        current = job.config.model_dump(mode="json", by_alias=True).get(job.model_section)
-        difference = _first_difference(saved, current, job.model_section)
-        if difference is not None:
-            raise ResumeError(
-                f"checkpoint in {os.path.dirname(checkpoint)} was trained with a different model "
-                f"({difference}); {advice}"
-            )
+    difference = model_section_difference(job.config, t.save_dir, job.model_section)
+    if difference is not None:
+        raise ResumeError(
+            f"checkpoint in {os.path.dirname(checkpoint)} was trained with a different model "
+            f"({difference}); {advice}"
+        )
     problems = model_differences(job.sharded.module, checkpoint)
     if problems:
         raise ResumeError(

@@ -42,13 +42,12 @@ def train(config: TwhinConfig) -> None:
 
 def _load(config: TwhinConfig, checkpoint: str | None):
     from tml.core import run
-    from tml.core.checkpoint import load_weights
     from tml.projects.twhin import build
 
     env = run.start(config.training)
     vocabularies = build.build_vocabularies(config)
     sharded = build.build_sharded(config, env)
-    step = load_weights(sharded.module, checkpoint or config.training.save_dir)
+    step = run.load_trained(sharded.module, checkpoint or config.training.save_dir, config)
     return env, sharded, step, vocabularies
 
 

@@ -90,11 +90,10 @@ def build_for_inference(config: RecapConfig, checkpoint: str | None) -> tuple[Di
     """Start the process, build the sharded model and load `checkpoint`'s weights (default: save_dir's
     latest) without a Checkpointer: nothing in the run folder is touched. Returns (env, model, step)."""
     from tml.core import run
-    from tml.core.checkpoint import load_weights
 
     env = run.start(config.training)
     sharded = build_sharded(config, env)
-    return env, sharded, load_weights(sharded.module, checkpoint or config.training.save_dir)
+    return env, sharded, run.load_trained(sharded.module, checkpoint or config.training.save_dir, config)
 
 
 def build_recap_optimizer(config: RecapConfig, sharded: ShardedModel):

@@ -167,6 +167,9 @@ def test_recap_modes_end_to_end(tmp_path):
         in out
     )
     assert "initial_checkpoint_dir" in out and (run / "config.yaml").read_text() == saved_config
+    # Reading the checkpoint with another model section would score with other constants: refused too.
+    out = recap(tmp_path, "evaluate", "--config", LOCAL, *TINY, pos_weight, ok=False)
+    assert "was trained with a different model (model.tasks.recap.engagement.is_favorited.pos_weight" in out
 
     # Two processes under torchrun (gloo): the embedding table is sharded row-wise, the rest data-parallel.
     # Three files make uneven shares (1500 and 750 rows): at step 24 one rank's epoch ends in a short batch

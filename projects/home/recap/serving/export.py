@@ -21,9 +21,10 @@ import warnings
 
 import torch
 
-from tml.core.checkpoint import load_weights, resolve_checkpoint
+from tml.core.checkpoint import resolve_checkpoint
 from tml.core.config.loader import save_config
 from tml.core.errors import UserError
+from tml.core.run import load_trained
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.calibration import apply_calibration
 from tml.projects.home.recap.config import RecapConfig
@@ -133,7 +134,7 @@ def export_checkpoint(
         # DCP warns that it loads in one process without a process group: that is the point here.
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         try:
-            step = load_weights(serving, path)
+            step = load_trained(serving, path, config)
         except ValueError as error:  # "checkpoint ... does not fit this model: <tensors>"
             raise ExportError(f"{error} (is --config the config this checkpoint was trained with?)") from None
     logger.info("loaded %s (step %d) into one process", path, step)
