@@ -24,6 +24,34 @@ def _map(value: Any, fn) -> Any:
 
 
 @dataclasses.dataclass
+class SparseValues:
+    """One sparse continuous feature of B rows: row i owns ids[offsets[i]:offsets[i + 1]] and their values.
+
+    Args:
+        ids: [N] int64, each in [0, num_buckets) of its feature.
+        values: [N] float32, the value of each id.
+        offsets: [B + 1] int64.
+    """
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    offsets: torch.Tensor
+
+    def _apply(self, fn) -> SparseValues:
+        return SparseValues(fn(self.ids), fn(self.values), fn(self.offsets))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> SparseValues:
+        return self._apply(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SparseValues:
+        return self._apply(lambda t: t.pin_memory())
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        for tensor in (self.ids, self.values, self.offsets):
+            tensor.record_stream(stream)
+
+
+@dataclasses.dataclass
 class RecapBatch:
     """One batch of ranking examples.
 
@@ -33,6 +61,7 @@ class RecapBatch:
         weights: [B, T] float32 per-task example weights (weight column x that task's downsampling weight).
         sparse: KeyedJaggedTensor of sparse id features, or None.
         ids: passthrough id columns, each [B] int64.
+        sparse_continuous: sparse continuous (id -> value) features by name, each a SparseValues of B rows.
 
     Example:
         batch = RecapBatch(dense={"continuous": torch.zeros(4, 3)}, labels=torch.zeros(4, 2),
@@ -45,6 +74,7 @@ class RecapBatch:
     weights: torch.Tensor
     sparse: Any = None
     ids: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    sparse_continuous: dict[str, SparseValues] = dataclasses.field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -57,6 +87,7 @@ class RecapBatch:
             weights=fn(self.weights),
             sparse=_map(self.sparse, fn),
             ids=_map(self.ids, fn),
+            sparse_continuous={name: item._apply(fn) for name, item in self.sparse_continuous.items()},
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RecapBatch:
@@ -70,6 +101,8 @@ class RecapBatch:
             tensor.record_stream(stream)
         if self.sparse is not None:
             self.sparse.record_stream(stream)
+        for item in self.sparse_continuous.values():
+            item.record_stream(stream)
 
 
 def register_pipelineable(*classes: type) -> None:

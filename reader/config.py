@@ -125,6 +125,48 @@ class SparseFeature(BaseConfig):
     )
 
 
+class SparseContinuousFeature(BaseConfig):
+    """A sparse continuous feature (DataRecord's id -> value map): `batch.sparse_continuous[name]`.
+
+    A row holds any number of (id, value) pairs, read from a map column or from two parallel list columns
+    (the i-th id of a row goes with its i-th value). Ids are int or string (hashed as for sparse_features)
+    and are taken modulo `num_buckets`; values are numbers, delivered as float32.
+    """
+
+    exactly_one_of: ClassVar = (("column", "ids_column"),)
+
+    name: str = pydantic.Field(description="Key of this feature in batch.sparse_continuous.")
+    column: str | None = pydantic.Field(
+        None, description="A map<int|string, number> column (exclusive with ids_column / values_column)."
+    )
+    ids_column: str | None = pydantic.Field(
+        None, description="A list<int|string> column of ids; needs values_column (exclusive with column)."
+    )
+    values_column: str | None = pydantic.Field(
+        None,
+        description="A list<number> column holding, per row, one value for each id of ids_column.",
+    )
+    num_buckets: int = pydantic.Field(
+        gt=0,
+        le=2**63 - 1,
+        description="Ids (hashed or not, negative ones included) are taken modulo this: every id delivered "
+        "lies in [0, num_buckets), the input size of the layers that read it.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _check_columns(self) -> SparseContinuousFeature:
+        if self.column is not None and self.values_column is not None:
+            raise ValueError("values_column belongs to ids_column; a map column holds its own values")
+        if (self.ids_column is None) != (self.values_column is None):
+            raise ValueError("ids_column and values_column go together (the ids and their values)")
+        if self.ids_column is not None and self.ids_column == self.values_column:
+            raise ValueError(f"ids_column and values_column are both {self.ids_column!r}")
+        return self
+
+    def columns(self) -> list[str]:
+        return [self.column] if self.column is not None else [self.ids_column, self.values_column]
+
+
 class TruncateAndSlice(BaseConfig):
     """The original's truncate-then-slice of the `continuous` and `binary` segdense features."""
 
@@ -191,6 +233,10 @@ class DataSource(BaseConfig):
     sparse_features: list[SparseFeature] = pydantic.Field(
         default_factory=list, description="Sparse id features, delivered as one KeyedJaggedTensor."
     )
+    sparse_continuous_features: list[SparseContinuousFeature] = pydantic.Field(
+        default_factory=list,
+        description="Sparse continuous (id -> value) features, delivered as batch.sparse_continuous.",
+    )
     tasks: dict[str, TaskData] = pydantic.Field(
         default_factory=dict,
         description="Label column name (== task name) -> downsampling rates. Tasks left out have rate 1.",
@@ -242,6 +288,14 @@ class DataSource(BaseConfig):
         clashing = sorted({name for name in sparse_names if sparse_names.count(name) > 1})
         if clashing:
             raise ValueError(f"sparse_features: duplicate names {clashing}")
+        # One namespace: the serving program takes both kinds' ids in one dict keyed by name.
+        sparse_names += [feature.name for feature in self.sparse_continuous_features]
+        clashing = sorted({name for name in sparse_names if sparse_names.count(name) > 1})
+        if clashing:
+            raise ValueError(
+                f"sparse_continuous_features: names {clashing} are used twice (sparse_features / "
+                "sparse_continuous_features)"
+            )
         truncation = self.preprocess.truncate_and_slice
         if truncation is not None:
             if self.seg_dense_schema is None:

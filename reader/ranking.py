@@ -1,9 +1,11 @@
-"""The ranking decoder: segdense / named dense columns, labels, weights, ids and sparse ids -> RecapBatch.
+"""The ranking decoder: segdense / named dense columns, labels, weights, ids, sparse ids and sparse
+continuous (id -> value) features -> RecapBatch.
 
 Per row group of n rows (T = number of labels): dense tensors [n, width], labels and weights [n, T]
-float32, ids [n] int64, and per sparse feature flat int64 ids with offsets [n + 1], held in a
-`TensorChunk`; `to_batch` builds the RecapBatch (and the KeyedJaggedTensor when there are sparse features).
-Non-finite dense floats are counted in `dataset.stats["nonfinite"]` and `["nonfinite/<dense name>"]`.
+float32, ids [n] int64, per sparse feature flat int64 ids with offsets [n + 1], and per sparse continuous
+feature flat ids and float32 values sharing offsets [n + 1], held in a `TensorChunk`; `to_batch` builds the
+RecapBatch (and the KeyedJaggedTensor when there are sparse features). Non-finite dense floats and sparse
+continuous values are counted in `dataset.stats["nonfinite"]` and `["nonfinite/<name>"]`.
 
 Example:
     decoder = ranking_decoder(config.train_data, label_names=["is_clicked"])
@@ -23,12 +25,20 @@ import pyarrow.compute as pc
 import torch
 
 from tml.reader.arrow_to_torch import is_list, numeric, single, to_tensor
-from tml.reader.batch import RecapBatch
+from tml.reader.batch import RecapBatch, SparseValues
 from tml.reader.chunk import TensorChunk
 from tml.reader.config import DataSource
 from tml.reader.decoder import DataError, location
 from tml.reader.schema import DenseSpec, resolve_dense_specs
-from tml.reader.sparse import SparseSpec, build_kjt, decode_sparse, sparse_type_ok
+from tml.reader.sparse import (
+    SparseContinuousSpec,
+    SparseSpec,
+    build_kjt,
+    decode_sparse,
+    decode_sparse_continuous,
+    sparse_continuous_type_problem,
+    sparse_type_ok,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +52,8 @@ class DecodePlan:
         weight_column: per-example weight column or None.
         id_columns: int passthrough columns.
         sparse: sparse id features in KJT key order.
-        nan_policy: "zero", "error" or "keep" for non-finite dense floats.
+        nan_policy: "zero", "error" or "keep" for non-finite dense floats and sparse continuous values.
+        sparse_continuous: sparse continuous (id -> value) features.
     """
 
     dense: tuple[DenseSpec, ...]
@@ -52,10 +63,12 @@ class DecodePlan:
     id_columns: tuple[str, ...]
     sparse: tuple[SparseSpec, ...]
     nan_policy: str
+    sparse_continuous: tuple[SparseContinuousSpec, ...] = ()
 
     def columns(self) -> list[str]:
         names = [column for spec in self.dense for column in spec.columns]
         names += [*self.labels, *self.id_columns, *(spec.column for spec in self.sparse)]
+        names += [column for spec in self.sparse_continuous for column in spec.columns]
         if self.weight_column is not None:
             names.append(self.weight_column)
         return list(dict.fromkeys(names))
@@ -102,10 +115,15 @@ def check_schema(schema: pa.Schema, path: str, plan: DecodePlan) -> None:
             raise DataError(
                 f"{path}: sparse column {spec.column!r} is {dtype}, expected int, string or a list of those"
             )
+    for spec in plan.sparse_continuous:
+        types = {column: get(column, f"sparse continuous feature '{spec.name}'") for column in spec.columns}
+        problem = sparse_continuous_type_problem(spec, types)
+        if problem is not None:
+            raise DataError(f"{path}: sparse continuous feature '{spec.name}': {problem}")
 
 
 def _check_finite(
-    tensor: torch.Tensor, policy: str, where: str, name: str, counts: dict[str, int]
+    tensor: torch.Tensor, policy: str, where: str, name: str, counts: dict[str, int], role: str = "dense"
 ) -> torch.Tensor:
     # NaN and inf propagate through a sum, so a finite sum proves every value finite at the cost of one
     # reduction; an overflowing sum of finite values only falls through to the exact check below.
@@ -119,7 +137,7 @@ def _check_finite(
         return tensor
     if policy == "error":
         raise DataError(
-            f"{where}: column for dense '{name}' has {bad} non-finite values (NaN/inf/null), "
+            f"{where}: column for {role} '{name}' has {bad} non-finite values (NaN/inf/null), "
             "expected finite floats (preprocess.nan_policy = error)"
         )
     counts[name] = counts.get(name, 0) + bad
@@ -199,6 +217,12 @@ def decode_table(table: pa.Table, where: str, plan: DecodePlan) -> tuple[TensorC
     jagged = {
         spec.name: decode_sparse(single(table.column(spec.column)), spec, where) for spec in plan.sparse
     }
+    for spec in plan.sparse_continuous:
+        arrays = [single(table.column(column)) for column in spec.columns]
+        ids, values, offsets = decode_sparse_continuous(arrays, spec, where)
+        values = _check_finite(values, plan.nan_policy, where, spec.name, counts, "sparse continuous")
+        jagged[("sparse_continuous/ids", spec.name)] = (ids, offsets)
+        jagged[("sparse_continuous/values", spec.name)] = (values, offsets)
     return TensorChunk(n, tensors, jagged), counts
 
 
@@ -248,7 +272,16 @@ class RankingDecoder:
             weights=chunk.tensors["weights"],
             sparse=sparse,
             ids={name: chunk.tensors[("ids", name)] for name in self.plan.id_columns},
+            sparse_continuous={
+                spec.name: sparse_values(chunk, spec.name) for spec in self.plan.sparse_continuous
+            },
         )
+
+
+def sparse_values(chunk: TensorChunk, name: str) -> SparseValues:
+    """The sparse continuous feature `name` of decoded rows."""
+    ids, offsets = chunk.jagged[("sparse_continuous/ids", name)]
+    return SparseValues(ids, chunk.jagged[("sparse_continuous/values", name)][0], offsets)
 
 
 def ranking_decoder(
@@ -285,6 +318,10 @@ def ranking_decoder(
             id_columns=tuple(id_columns),
             sparse=tuple(SparseSpec(f.name, f.column, f.num_buckets) for f in config.sparse_features),
             nan_policy=config.preprocess.nan_policy,
+            sparse_continuous=tuple(
+                SparseContinuousSpec(f.name, f.column, f.ids_column, f.values_column, f.num_buckets)
+                for f in config.sparse_continuous_features
+            ),
         ),
         sparse_stride,
     )
