@@ -38,6 +38,7 @@ from typing import Any
 from tml.core.config.loader import ConfigError
 from tml.core.errors import UserError
 from tml.ml_logging.log import get_logger
+from tml.projects.home.recap import discretizer_calibration as discretizer
 
 logger = get_logger(__name__)
 
@@ -184,6 +185,7 @@ def _evaluate(config) -> dict:
 
 # Run order. Discretizer calibration, where the config has a discretizer, goes before training.
 PHASES: list[Phase] = [
+    Phase("calibrate-discretizer", discretizer.phase_run, discretizer.phase_inputs, discretizer.phase_needs),
     Phase("train", _train, _train_inputs, refuse=_refuse_train),
     Phase("calibrate", _calibrate, _calibrate_inputs, _needs_validation),
     Phase("evaluate", _evaluate, _evaluate_inputs, _needs_validation),
@@ -225,7 +227,7 @@ def differences(saved: Any, current: Any, key: str = "") -> list[str]:
 
 def _short(value: Any) -> str:
     if not isinstance(value, str | int | float | bool | list | dict | None):
-        return "(none)"  # the key is absent on this side
+        return "(default)"  # absent on this side: inputs leave out keys at their default
     text = repr(value)
     return text if len(text) <= 50 else text[:47] + "..."
 
