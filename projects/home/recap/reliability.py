@@ -108,19 +108,17 @@ def write_diagrams(reports: dict[str, CalibrationReport], tasks: list[str], stem
                 curves.append(("isotonic", report.after, "s-"))
             low, high = 1.0, 0.0
             for label, stats, style in curves:
-                mean, rate = _groups(stats, t)
                 weight, labels, predictions = stats.totals(t)
+                if weight <= 0:
+                    continue  # no example of this task in the partition
+                mean, rate = _groups(stats, t)
                 shown = rate > 0  # log axes: a group without positives has no point
-                axes.plot(
-                    mean[shown],
-                    rate[shown],
-                    style,
-                    ms=4,
-                    label=f"{label} (calibration {predictions / labels:.3f})",
-                )
+                ratio = f"{predictions / labels:.3f}" if labels > 0 else "n/a, no positives"
+                axes.plot(mean[shown], rate[shown], style, ms=4, label=f"{label} (calibration {ratio})")
                 values = np.concatenate([mean, rate[shown]])
                 low, high = min(low, values.min()), max(high, values.max())
-            axes.plot([low, high], [low, high], "k--", lw=0.8, label="perfect")
+            if low < high:
+                axes.plot([low, high], [low, high], "k--", lw=0.8, label="perfect")
             axes.set(xscale="log", yscale="log", xlabel="mean prediction", ylabel="observed positive rate")
             axes.set_title(f"{task}\n{partition}", fontsize=9)
             axes.legend(fontsize=7, loc="upper left")
