@@ -18,6 +18,7 @@ from tml.optimizers.config import LearningRate, OptimizerConfig
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.model import RecapTrainModule, build_loss, build_model, parameter_groups
 from tml.projects.home.recap.model.embeddings import read_pretrained
+from tml.projects.home.recap.model.sparse_linear import build_sparse_features
 from tml.projects.home.recap.model.stratifiers import stratifier_segments
 from tml.reader.config import DataConfig, ValidationDataConfig, dense_widths
 from tml.reader.dataset import ParquetDataset, build_dataset, build_eval_dataset
@@ -42,6 +43,7 @@ def build_train_module(config: RecapConfig, embedding_device: str = "cpu") -> Re
         [feature.name for feature in data.sparse_features],
         downsampling,
         embedding_device=embedding_device,
+        sparse_linear=build_sparse_features(config.model.discretizer, config.model.sparse_linear, data),
     )
     return RecapTrainModule(model, build_loss(config.model))
 

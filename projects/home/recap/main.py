@@ -1,4 +1,4 @@
-"""tml-recap: train | evaluate | predict | summary | generate-data | compute-stats | export | serve | score | calibrate | plan.
+"""tml-recap: train | evaluate | predict | summary | generate-data | compute-stats | export | serve | score | calibrate | plan | calibrate-discretizer.
 
 tml-recap train --config projects/home/recap/config/local.yaml training.num_train_steps=100
 torchrun --nproc_per_node=2 -m tml.projects.home.recap.main train --config X.yaml
@@ -12,6 +12,7 @@ from tml.core.cli import add_debug_flag, user_errors_as_one_line
 from tml.core.config.loader import load_config
 from tml.core.distributed import run_distributed
 from tml.ml_logging.log import get_logger, setup_logging
+from tml.projects.home.recap import discretizer_calibration as discretizer_modes
 from tml.projects.home.recap import platform_cli as platform_modes
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.serving import cli as serving
@@ -70,6 +71,7 @@ _MODES = {
     "compute-stats": "compute z-score statistics of the continuous features from train_data",
     **serving.MODES,
     **platform_modes.MODES,
+    **discretizer_modes.MODES,
 }
 _ARGS = {  # mode -> (flags, argparse keywords)
     "evaluate": [("--checkpoint", {"help": "a step-N folder or a run folder (default: save_dir's latest)"}),
@@ -86,6 +88,7 @@ _ARGS = {  # mode -> (flags, argparse keywords)
     "compute-stats": [("--output", {"help": "stats file (default: z_score_log_config.analysis_path)"})],
     **serving.ARGS,
     **platform_modes.ARGS,
+    **discretizer_modes.ARGS,
 }  # fmt: skip
 
 
@@ -139,6 +142,8 @@ def _run(args: argparse.Namespace) -> None:
         serving.run_mode(args, config)
     elif args.mode in platform_modes.MODES:
         platform_modes.run_mode(args, config)
+    elif args.mode in discretizer_modes.MODES:
+        discretizer_modes.run_mode(args, config)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,29 @@ def _shrink(node, key: str | None = None):
     return node
 
 
+def tiny_boundaries(config, path: str) -> None:
+    """A boundaries file for `config`'s discretizer: every feature cut at -1, 0 and 1 (ids 0 and 1 of a
+    sparse continuous feature only; the others have one bin)."""
+    from tml.projects.home.recap.model.discretizer import (
+        FORMAT,
+        VERSION,
+        discretized_inputs,
+        write_boundaries,
+    )
+    from tml.projects.home.recap.model.sparse_linear import calibration_settings
+
+    d = config.model.discretizer
+    inputs = discretized_inputs(d.features, config.train_data)
+    keys = [k for i in inputs for k in (i.keys if i.keys is not None else [f"{i.name}:0", f"{i.name}:1"])]
+    cut = {"levels": [1, 2, 3], "boundaries": [-1.0, 0.0, 1.0], "count": 100}
+    document = {"format": FORMAT, "version": VERSION, "calibration": calibration_settings(d),
+                "inputs": [i.describe() for i in inputs], "features": dict.fromkeys(keys, cut)}  # fmt: skip
+    write_boundaries(path, document)
+
+
 def tiny_config(name: str, stats_dir: str):
-    """`name` (relative to the config folder) shrunk, with z-score stats written for its width."""
+    """`name` (relative to the config folder) shrunk, with z-score stats and discretizer boundaries
+    written for its widths."""
     from tml.core.config.loader import load_config
     from tml.projects.home.recap.config import RecapConfig
     from tml.projects.home.recap.model.stats import ContinuousStats, save_stats
@@ -66,6 +87,10 @@ def tiny_config(name: str, stats_dir: str):
         path = str(pathlib.Path(stats_dir) / (name.replace("/", "_") + ".json"))
         save_stats(ContinuousStats([0.5] * width, [2.0] * width, [100] * width), path)
         z.analysis_path = path
+    if config.model.discretizer is not None:
+        path = str(pathlib.Path(stats_dir) / (name.replace("/", "_") + ".boundaries.json"))
+        tiny_boundaries(config, path)
+        config.model.discretizer.boundaries_path = path
     return config
 
 
@@ -73,7 +98,7 @@ def random_batches(config, rank: int, world_size: int, steps: int):
     """`steps` RecapBatches of this rank's share, in the train_data schema (ids within num_buckets)."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from tml.reader.batch import RecapBatch
+    from tml.reader.batch import RecapBatch, SparseValues
     from tml.reader.schema import resolve_dense_specs
 
     data = config.train_data
@@ -101,9 +126,18 @@ def random_batches(config, rank: int, world_size: int, steps: int):
             sparse = KeyedJaggedTensor.from_lengths_sync(
                 keys=[f.name for f in data.sparse_features], values=values, lengths=lengths
             )
+        continuous = {}
+        for f in data.sparse_continuous_features:
+            lengths = torch.randint(0, 4, (rows,), generator=g)
+            n = int(lengths.sum())
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            ids = torch.randint(0, f.num_buckets, (n,), generator=g)
+            continuous[f.name] = SparseValues(ids, torch.randn(n, generator=g) * 10.0, offsets)
         labels = (torch.rand(rows, tasks, generator=g) < 0.3).float()
         weights = torch.rand(rows, tasks, generator=g) + 0.5
-        yield RecapBatch(dense=dense, labels=labels, weights=weights, sparse=sparse)
+        yield RecapBatch(
+            dense=dense, labels=labels, weights=weights, sparse=sparse, sparse_continuous=continuous
+        )
 
 
 def _train(config, env, pipeline: str) -> tuple[list[float], list[bool]]:

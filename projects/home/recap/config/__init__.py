@@ -156,6 +156,7 @@ class RecapConfig(BaseConfig):
         # table: sharded tables fix their input order at the first batch) at the first evaluation, hours in.
         expected = _dense_layout("train_data", self.train_data)
         sparse = [(f.name, f.num_buckets) for f in self.train_data.sparse_features]
+        continuous = [(f.name, f.num_buckets) for f in self.train_data.sparse_continuous_features]
         for name, data in self.validation_data.items():
             where = f"validation_data.{name}"
             given = _dense_layout(where, data)
@@ -185,6 +186,13 @@ class RecapConfig(BaseConfig):
                     f"{where}.sparse_features must list the features of train_data.sparse_features in the "
                     f"same order with the same num_buckets (ids must reach the rows they trained): "
                     f"train_data has {_sparse_text(sparse)}, {where} has {_sparse_text(mine)}"
+                )
+            mine = [(f.name, f.num_buckets) for f in data.sparse_continuous_features]
+            if mine != continuous:
+                raise ValueError(
+                    f"{where}.sparse_continuous_features must list the features of "
+                    "train_data.sparse_continuous_features with the same num_buckets: train_data has "
+                    f"{_sparse_text(continuous)}, {where} has {_sparse_text(mine)}"
                 )
 
     def _check_id_ranges(self) -> None:

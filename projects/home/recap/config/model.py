@@ -21,6 +21,7 @@ import pydantic
 from tml.core.config.base import BaseConfig
 from tml.core.config.training import EmbeddingShardingConfig
 from tml.optimizers.config import EmbeddingOptimizerConfig
+from tml.projects.home.recap.config.discretizer import DiscretizerConfig, SparseLinearConfig
 
 # A split-tower feature is a dense tensor name, optionally with a column range: "continuous[0:100]".
 FEATURE_SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<start>\d+):(?P<stop>\d+)\])?$")
@@ -406,6 +407,13 @@ class ModelConfig(BaseConfig):
     )
     stratifiers: list[StratifierConfig] = pydantic.Field(
         default_factory=list, description="Segments for per-segment evaluation metrics."
+    )
+    discretizer: DiscretizerConfig | None = pydantic.Field(
+        None, description="Percentile bins of continuous inputs, read by sparse_linear (docs/platform.md)."
+    )
+    sparse_linear: SparseLinearConfig | None = pydantic.Field(
+        None,
+        description="Sparse linear layer over bin ids and sparse continuous features (docs/platform.md).",
     )
 
     @pydantic.model_validator(mode="after")

@@ -46,6 +46,7 @@ from tml.projects.home.recap.model.heads import TaskHeads
 from tml.projects.home.recap.model.mask_net import MaskBlockSpec, MaskNet
 from tml.projects.home.recap.model.mlp import LayerNorm, Mlp
 from tml.projects.home.recap.model.recap_model import MultiTaskLoss, RecapModel, sanitize
+from tml.projects.home.recap.model.sparse_linear import SparseFeatures
 from tml.projects.home.recap.model.split_towers import SplitTowers, TowerGroup
 from tml.projects.home.recap.model.stats import load_stats
 
@@ -176,6 +177,7 @@ def build_model(
     sparse_feature_names: list[str],
     task_downsampling: dict[str, tuple[float, float]],
     embedding_device: str = "cpu",
+    sparse_linear: SparseFeatures | None = None,
 ) -> RecapModel:
     """Build the model (checks in the module docstring).
 
@@ -185,6 +187,9 @@ def build_model(
         sparse_feature_names: the keys of `batch.sparse`.
         task_downsampling: task -> (pos_rate, neg_rate) of the training data (tasks missing: rate 1).
         embedding_device: where the large tables are allocated ("meta": shard before allocating).
+        sparse_linear: the `sparse_linear` segment, built from the data section by
+            `sparse_linear.build_sparse_features` (it reads the discretizer's boundaries file); required
+            exactly when `model.sparse_linear` is set.
 
     Example:
         model = build_model(config, {"continuous": 8, "binary": 2}, [], {"fav": (1.0, 0.1)})
@@ -224,6 +229,12 @@ def build_model(
             pd.max_position, pd.num_dims, pd.drop_probability, pd.position_feature_index
         )
         layout.append(("position_debias", pd.num_dims))
+    if (config.sparse_linear is not None) != (sparse_linear is not None):
+        raise ValueError(
+            "model.sparse_linear: pass build_sparse_features(...) of the data as `sparse_linear`"
+        )
+    if sparse_linear is not None:
+        layout.append(("sparse_linear", sparse_linear.output_size))
     vector_layout: list[tuple[str, int]] = []
     if config.small_embeddings is not None:
         for i, t in enumerate(config.small_embeddings.tables):
@@ -298,6 +309,7 @@ def build_model(
         heads=heads,
         dense_vectors=dense_vectors,
         position=position,
+        sparse_linear=sparse_linear,
         small=small,
         large=large,
         split=split,

@@ -2,8 +2,9 @@
 train module that adds the multi-task loss.
 
 Feature segments, in concatenation order: the featurized block (`continuous` then the appended tensors),
-the dense vectors (TwHIN), the position embedding, then the embedding vectors (small tables, large-table
-features) last, where DLRM expects them.
+the dense vectors (TwHIN), the position embedding, the sparse linear layer (over the discretizer's bins and
+sparse continuous features), then the embedding vectors (small tables, large-table features) last, where
+DLRM expects them.
 Heads (`heads.TaskHeads`): the fixed affine map of each tower's logit, sigmoid, the odds correction for
 downsampling and pos_weight, the calibrator. The loss's constants (pos_weight, loss_weight) belong to the
 train module's `MultiTaskLoss`; the serving face (plain tensors in, scores out) is `serving.py`.
@@ -34,8 +35,9 @@ from tml.projects.home.recap.model.embeddings import (
 )
 from tml.projects.home.recap.model.featurization import DenseFeaturizer
 from tml.projects.home.recap.model.heads import TaskHeads
+from tml.projects.home.recap.model.sparse_linear import SparseFeatures
 from tml.projects.home.recap.model.split_towers import SplitTowers
-from tml.reader.batch import RecapBatch
+from tml.reader.batch import RecapBatch, SparseValues
 
 
 def sanitize(task_name: str) -> str:
@@ -51,7 +53,7 @@ class RecapModel(nn.Module):
         featurizer: dense block module.
         towers: {task name: [B, F_tower] -> [B, 1]} in task order.
         heads: raw tower logits -> logits and calibrated probabilities (`heads.TaskHeads`).
-        dense_vectors, position, small, large: optional input modules.
+        dense_vectors, position, sparse_linear, small, large: optional input modules.
         split: optional split towers over the segments.
         backbone: optional shared network.
         share_partial: towers read [backbone output, backbone input] instead of the backbone output.
@@ -67,6 +69,7 @@ class RecapModel(nn.Module):
         heads: TaskHeads,
         dense_vectors: DenseVectorNorms | None = None,
         position: PositionDebias | None = None,
+        sparse_linear: SparseFeatures | None = None,
         small: SmallEmbeddings | None = None,
         large: LargeEmbeddings | None = None,
         split: SplitTowers | None = None,
@@ -79,6 +82,7 @@ class RecapModel(nn.Module):
         self.featurizer = featurizer
         self.dense_vectors = dense_vectors
         self.position = position
+        self.sparse_linear = sparse_linear
         self.small_embeddings = small
         self.large_embeddings = large
         self.split_towers = split
@@ -87,9 +91,11 @@ class RecapModel(nn.Module):
         self.towers = nn.ModuleDict({sanitize(name): towers[name] for name in self.task_names})
         self.heads = heads
 
-    def dense_segments(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The segments computed from dense tensors [B, width], in concatenation order (all but the
-        large-table features, which come last)."""
+    def dense_segments(
+        self, dense: dict[str, torch.Tensor], sparse_continuous: dict[str, SparseValues] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The segments computed from dense tensors [B, width] (and sparse continuous features), in
+        concatenation order (all but the large-table features, which come last)."""
         block = self.featurizer(dense)
         out: dict[str, torch.Tensor] = {}
         start = 0
@@ -104,6 +110,8 @@ class RecapModel(nn.Module):
                 out[name] = vectors[name]
         if self.position is not None:
             out["position_debias"] = self.position(dense["discrete"])
+        if self.sparse_linear is not None:
+            out["sparse_linear"] = self.sparse_linear(dense, sparse_continuous)
         if self.small_embeddings is not None:
             small = self.small_embeddings(dense["discrete"])
             for name, _ in self.small_embeddings.layout:
@@ -112,7 +120,7 @@ class RecapModel(nn.Module):
 
     def segments(self, batch: RecapBatch) -> dict[str, torch.Tensor]:
         """Named feature segments [B, width] in concatenation order (embedding vectors last)."""
-        out = self.dense_segments(batch.dense)
+        out = self.dense_segments(batch.dense, batch.sparse_continuous)
         if self.large_embeddings is not None:
             if batch.sparse is None:
                 raise ValueError("the model has large_embeddings but batch.sparse is None")

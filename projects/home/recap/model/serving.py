@@ -1,7 +1,8 @@
 """The serving face of a trained RecapModel: plain tensors in, probabilities and the ranking score out.
 
 No RecapBatch, no KeyedJaggedTensor, no process group, no torchrec: dense tensors come by name, each sparse
-feature as flat ids with row offsets, and the TorchRec tables become plain `nn.EmbeddingBag`s with the same
+feature as flat ids with row offsets (a sparse continuous feature's values, when the model reads any, in a
+fourth dict keyed like the ids), and the TorchRec tables become plain `nn.EmbeddingBag`s with the same
 weights and pooling (their state-dict names are the TorchRec collection's, so a training checkpoint loads
 into them as it is). This is what `tml-recap export` hands to `torch.export`.
 
@@ -14,6 +15,7 @@ Example:
     serving = to_serving(model, ranking_weights=[0.5, 1.0])          # takes over `model`'s modules
     out = serving({"continuous": x, "binary": b}, {}, {})             # {"logits", "probabilities", "score"}
     out = serving(dense, {"author_id": ids}, {"author_id": offsets})  # ids [N], offsets [B + 1]
+    out = serving(dense, {"counts": ids}, {"counts": offsets}, {"counts": values})  # sparse continuous
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from tml.projects.home.recap.model.embeddings import LargeTable
 from tml.projects.home.recap.model.recap_model import RecapModel
+from tml.reader.batch import SparseValues
 
 
 class RankingScore(nn.Module):
@@ -90,6 +93,8 @@ def dense_input_names(model: RecapModel) -> list[str]:
         names += [name for name, _ in model.dense_vectors.layout]
     if model.position is not None or model.small_embeddings is not None:
         names.append("discrete")
+    if model.sparse_linear is not None:
+        names += [name for name in model.sparse_linear.dense_names() if name not in names]
     return names
 
 
@@ -99,13 +104,23 @@ def sparse_input_rows(model: RecapModel) -> dict[str, int]:
     return {feature: t.num_embeddings for t in tables for feature in t.feature_names}
 
 
+def sparse_continuous_input_rows(model: RecapModel) -> dict[str, int]:
+    """The sparse continuous features the model reads -> their num_buckets (ids lie below it)."""
+    return {} if model.sparse_linear is None else model.sparse_linear.sparse_rows()
+
+
 def _segments(
     model: RecapModel,
     dense: dict[str, torch.Tensor],
     values: dict[str, torch.Tensor],
     offsets: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor] | None,
 ) -> dict[str, torch.Tensor]:
-    segments = model.dense_segments(dense)
+    continuous = {
+        name: SparseValues(values[name], weights[name], offsets[name])
+        for name in sparse_continuous_input_rows(model)
+    }
+    segments = model.dense_segments(dense, continuous)
     if model.large_embeddings is not None:
         pooled = model.large_embeddings(values, offsets)
         for name, _ in model.large_embeddings.layout:
@@ -120,8 +135,8 @@ class RecapServingModel(nn.Module):
         model: a RecapModel whose large tables are `PlainEmbeddingBags`, in eval mode.
         ranking_weights: [T] weights of the ranking score.
 
-    Shapes: (dense {name: [B, width]}, ids {feature: [N_f]}, offsets {feature: [B + 1]}) ->
-    {"logits": [B, T], "probabilities": [B, T], "score": [B]}.
+    Shapes: (dense {name: [B, width]}, ids {feature: [N_f]}, offsets {feature: [B + 1]}, [values
+    {sparse continuous feature: [N_f] float32}]) -> {"logits": [B, T], "probabilities": [B, T], "score": [B]}.
     """
 
     def __init__(self, model: RecapModel, ranking_weights: list[float]) -> None:
@@ -134,9 +149,10 @@ class RecapServingModel(nn.Module):
         dense: dict[str, torch.Tensor],
         sparse_values: dict[str, torch.Tensor],
         sparse_offsets: dict[str, torch.Tensor],
+        sparse_weights: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         out = self.model.from_features(
-            self.model.combine(_segments(self.model, dense, sparse_values, sparse_offsets))
+            self.model.combine(_segments(self.model, dense, sparse_values, sparse_offsets, sparse_weights))
         )
         return {
             "logits": out["logits"],
@@ -166,8 +182,9 @@ class GroupEmbeddingsModel(nn.Module):
         dense: dict[str, torch.Tensor],
         sparse_values: dict[str, torch.Tensor],
         sparse_offsets: dict[str, torch.Tensor],
+        sparse_weights: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        segments = _segments(self.model, dense, sparse_values, sparse_offsets)
+        segments = _segments(self.model, dense, sparse_values, sparse_offsets, sparse_weights)
         embeddings = self.model.split_towers.group_embeddings(segments, self.groups)
         return {f"embedding/{group}": embeddings[group] for group in self.groups}
 

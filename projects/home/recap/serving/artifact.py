@@ -11,7 +11,8 @@ Layout (written by `tml-recap export`, see docs/serving.md):
 This module imports torch, the standard library and `tml.core.errors` only, so an artifact loads where torchrec (and the rest
 of tml's training stack) is absent.
 
-Shapes: B = batch, N_f = ids of sparse feature f.
+Shapes: B = batch, N_f = ids of sparse feature f. An artifact whose model reads sparse continuous features
+takes a fourth dict, their values [N_f] float32 (their ids and offsets are in the second and third).
 
 Example:
     artifact = load_artifact("artifacts/local")
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def sample_inputs(inputs: dict, batch: int, seed: int = 0):
-    """Random (dense, ids, offsets) that fit the schema `inputs`, every id inside its table."""
+    """Random (dense, ids, offsets[, values]) that fit the schema `inputs`, every id inside its table."""
     g = torch.Generator().manual_seed(seed)
     dense = {}
     for d in inputs["dense"]:
@@ -53,7 +54,17 @@ def sample_inputs(inputs: dict, batch: int, seed: int = 0):
         lengths = torch.tensor([(row + i) % 3 for row in range(batch)])  # empty rows included
         offsets[s["name"]] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         values[s["name"]] = torch.randint(0, s["rows"], (int(lengths.sum()),), generator=g)
-    return dense, values, offsets
+    continuous = inputs.get("sparse_continuous", [])
+    if not continuous:
+        return dense, values, offsets
+    weights = {}
+    for i, c in enumerate(continuous):
+        lengths = torch.tensor([(row + i + 1) % 4 for row in range(batch)])
+        offsets[c["name"]] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        values[c["name"]] = torch.randint(0, c["num_buckets"], (int(lengths.sum()),), generator=g)
+        # Zeros, negatives and large magnitudes: the sparse linear layer's normalisation sees them all.
+        weights[c["name"]] = torch.randn(int(lengths.sum()), generator=g) * 100.0
+    return dense, values, offsets, weights
 
 
 class ArtifactError(UserError, ValueError):
@@ -107,6 +118,7 @@ class Artifact:
             (d["name"], d["width"], getattr(torch, d["dtype"])) for d in self.meta["inputs"]["dense"]
         ]
         self._sparse = [s["name"] for s in self.meta["inputs"]["sparse"]]
+        self._continuous = [c["name"] for c in self.meta["inputs"].get("sparse_continuous", [])]
         self.runtime, self._call = self._load(runtime)
 
     def _load(self, runtime: str):
@@ -130,14 +142,17 @@ class Artifact:
         dense: dict[str, torch.Tensor],
         sparse_values: dict[str, torch.Tensor],
         sparse_offsets: dict[str, torch.Tensor],
+        sparse_weights: dict[str, torch.Tensor] | None = None,
     ) -> int:
         """The batch size B, after checking names, shapes and dtypes (ArtifactError naming the input)."""
+        weights = sparse_weights or {}
         missing = [name for name, _, _ in self._dense if name not in dense]
         missing += [
             f"sparse {name}"
-            for name in self._sparse
+            for name in [*self._sparse, *self._continuous]
             if name not in sparse_values or name not in sparse_offsets
         ]
+        missing += [f"sparse continuous values {name}" for name in self._continuous if name not in weights]
         if missing:
             raise ArtifactError(
                 f"inputs {missing} are missing; the artifact reads dense {[n for n, _, _ in self._dense]}, sparse {self._sparse}"
@@ -150,7 +165,15 @@ class Artifact:
                     f"dense input {name!r}: got {tensor.dtype} {list(tensor.shape)}, expected {dtype} [B, {width}]"
                 )
             sizes.add(tensor.shape[0])
-        for name in self._sparse:
+        for name in self._continuous:
+            if weights[name].dim() != 1 or weights[name].dtype != torch.float32:
+                raise ArtifactError(f"sparse continuous input {name!r}: expected float32 values [N]")
+            if weights[name].shape != sparse_values[name].shape:
+                raise ArtifactError(
+                    f"sparse continuous input {name!r}: {weights[name].shape[0]} values for "
+                    f"{sparse_values[name].shape[0]} ids"
+                )
+        for name in [*self._sparse, *self._continuous]:
             values, offsets = sparse_values[name], sparse_offsets[name]
             if (
                 values.dim() != 1
@@ -171,13 +194,17 @@ class Artifact:
         dense: dict[str, torch.Tensor],
         sparse_values: dict[str, torch.Tensor],
         sparse_offsets: dict[str, torch.Tensor],
+        sparse_weights: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        self.check_inputs(dense, sparse_values, sparse_offsets)
+        self.check_inputs(dense, sparse_values, sparse_offsets, sparse_weights)
         dense = {name: dense[name] for name, _, _ in self._dense}
-        values = {name: sparse_values[name] for name in self._sparse}
-        offsets = {name: sparse_offsets[name] for name in self._sparse}
+        values = {name: sparse_values[name] for name in [*self._sparse, *self._continuous]}
+        offsets = {name: sparse_offsets[name] for name in [*self._sparse, *self._continuous]}
+        inputs = (dense, values, offsets)
+        if self._continuous:
+            inputs += ({name: sparse_weights[name] for name in self._continuous},)
         with torch.inference_mode():
-            out = self._call(dense, values, offsets)
+            out = self._call(*inputs)
         return {name: out[name] for name in self.outputs}
 
 

@@ -28,7 +28,12 @@ from tml.core.run import load_trained
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.calibration import apply_calibration
 from tml.projects.home.recap.config import RecapConfig
-from tml.projects.home.recap.model.serving import dense_input_names, sparse_input_rows, to_serving
+from tml.projects.home.recap.model.serving import (
+    dense_input_names,
+    sparse_continuous_input_rows,
+    sparse_input_rows,
+    to_serving,
+)
 from tml.projects.home.recap.serving import artifact as fmt
 from tml.projects.home.recap.serving.outputs import OutputExistsError
 from tml.projects.home.recap.serving.schema import input_schema
@@ -49,14 +54,18 @@ def _export_program(module: torch.nn.Module, inputs: dict) -> torch.export.Expor
 
     batch = torch.export.Dim("batch", min=1)
     dense = {d["name"]: {0: batch} for d in inputs["dense"]}
-    ids = {s["name"]: {0: torch.export.Dim(f"ids_{i}", min=0)} for i, s in enumerate(inputs["sparse"])}
-    offsets = {s["name"]: {0: batch + 1} for s in inputs["sparse"]}
+    sparse = [s["name"] for s in [*inputs["sparse"], *inputs.get("sparse_continuous", [])]]
+    ids = {name: {0: torch.export.Dim(f"ids_{i}", min=0)} for i, name in enumerate(sparse)}
+    offsets = {name: {0: batch + 1} for name in sparse}
+    shapes = (dense, ids, offsets)
+    if inputs.get("sparse_continuous"):  # each feature's values are as many as its ids
+        shapes += ({c["name"]: ids[c["name"]] for c in inputs["sparse_continuous"]},)
     # Without this, tracing assumes sizes other than 0 and 1 and the program refuses a batch of one row.
     with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
         return torch.export.export(
             module,
             fmt.sample_inputs(inputs, SAMPLE_BATCH),
-            dynamic_shapes=(dense, ids, offsets),
+            dynamic_shapes=shapes,
             strict=False,
         )
 
@@ -161,7 +170,12 @@ def write_artifact(
     model = serving.model
     groups = getattr(serving, "groups", None)
     tasks = list(config.model.tasks)
-    inputs = input_schema(config.train_data, dense_input_names(model), sparse_input_rows(model))
+    inputs = input_schema(
+        config.train_data,
+        dense_input_names(model),
+        sparse_input_rows(model),
+        list(sparse_continuous_input_rows(model)),
+    )
     tmp = f"{output.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
