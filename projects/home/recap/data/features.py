@@ -7,6 +7,9 @@ Each block draws one group of columns for n rows (N = rows, C = columns of the b
 - `DiscreteBlock` [N, C] int64 categories in [0, cardinality) (cardinality <= 100), Zipf-like.
 - `EmbeddingBlock` [N, D] float32 unit-variance vectors (a stand-in for TwHIN embeddings).
 - `IdColumn` [N] int64 ids in [0, vocab), a few ids are very popular (power law), scrambled.
+- `SparseContinuousBlock`: per row a few distinct (id, value) pairs, ids power-law popular, values
+  zero-inflated heavy-tailed counts; `signal` gives, for its most popular ids, `0.5 + log1p(value)` when
+  present and 0 when absent (so a present 0 differs from an absent id).
 Continuous, binary and embedding blocks are correlated through a per-row latent `h` [N, K], like real
 features that share causes. Only the informative columns (a subset, within the part the model reads after
 truncation) enter the label function; the rest is noise.
@@ -191,4 +194,61 @@ class IdColumn:
         ranks = np.arange(self.vocab, dtype=np.int64)
         out = np.empty(self.vocab, dtype=np.int64)
         out[self.id_of_rank(ranks)] = ranks
+        return out
+
+
+@dataclasses.dataclass
+class SparseContinuousBlock:
+    """Sparse (id -> value) features of one column (module docstring)."""
+
+    ids: IdColumn
+    mean_entries: float
+    mu: np.ndarray
+    sigma: np.ndarray
+    zero_rate: np.ndarray
+    rho: np.ndarray
+    loadings: np.ndarray
+    informative: np.ndarray  # ids whose values enter the label function
+
+    @classmethod
+    def create(cls, rng: np.random.Generator, vocab: int) -> SparseContinuousBlock:
+        ids = IdColumn.create(rng, vocab)
+        return cls(
+            ids=ids,
+            mean_entries=float(rng.uniform(3.0, 8.0)),
+            mu=rng.uniform(0.0, 6.0, vocab).astype(np.float32),
+            sigma=rng.uniform(0.5, 1.5, vocab).astype(np.float32),
+            zero_rate=rng.uniform(0.0, 0.3, vocab).astype(np.float32),
+            rho=rng.uniform(0.2, 0.8, vocab).astype(np.float32),
+            loadings=_unit_loadings(rng, vocab),
+            informative=ids.id_of_rank(np.arange(min(vocab, MAX_INFORMATIVE))),
+        )
+
+    def sample(self, rng: np.random.Generator, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets [N + 1], ids [E], values [E] float32): distinct ids within each row, sorted."""
+        rows = h.shape[0]
+        draws = np.minimum(rng.poisson(self.mean_entries, rows), int(4 * self.mean_entries))
+        row = np.repeat(np.arange(rows), draws)
+        ids = self.ids.sample(rng, len(row))
+        pairs = np.unique(row.astype(np.int64) * self.ids.vocab + ids)
+        row, ids = pairs // self.ids.vocab, pairs % self.ids.vocab
+        z = rng.standard_normal(len(ids)).astype(np.float32)
+        z = (
+            self.rho[ids] * np.einsum("ek,ke->e", h[row], self.loadings[:, ids])
+            + np.sqrt(1 - self.rho[ids] ** 2) * z
+        )
+        values = np.floor(np.exp(self.mu[ids] + self.sigma[ids] * z)).astype(np.float32)
+        values[rng.random(len(ids)) < self.zero_rate[ids]] = 0.0
+        offsets = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=rows), out=offsets[1:])
+        return offsets, ids, values
+
+    def signal(self, sample: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        offsets, ids, values = sample
+        out = np.zeros((len(offsets) - 1, len(self.informative)), dtype=np.float32)
+        column = np.full(self.ids.vocab, -1, dtype=np.int64)
+        column[self.informative] = np.arange(len(self.informative))
+        row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        hit = column[ids] >= 0
+        out[row[hit], column[ids[hit]]] = 0.5 + np.log1p(values[hit])
         return out
