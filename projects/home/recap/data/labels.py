@@ -6,9 +6,11 @@ bits, embedding vectors; each group scaled to unit total variance), categorical 
     numeric_t  = tanh(phi @ W1) @ w2_t + phi @ l_t            (a one-hidden-layer random network)
     discrete_t = sum over informative discrete columns of effect_t[value]
     sparse_t   = sum over sparse id columns of effect_t[id] / sqrt(1 + rank(id) / HEAD_IDS)
-    logit_t    = scale_t * (numeric_t + 0.5 discrete_t + 0.7 sparse_t) + 0.5 u + bias_t
+    logit_t    = scale_t * (numeric_t + 0.5 discrete_t + 0.7 sparse_t [+ a affinity]) + 0.5 u + bias_t
     label_t    ~ Bernoulli(sigmoid(logit_t))
 
+`affinity` is present only when the data is generated with a user-author affinity (synthetic.Affinity):
+the same standardized score of the row's (user, author) pair for every task, weighing `a`.
 Every per-task weight is `0.8 * shared + 0.6 * own`, and `u` ~ N(0, 1) is one unobserved factor per row
 shared by all tasks, so labels are correlated. An id's effect shrinks with its popularity rank, as with
 real authors: the popular ones differ and are seen often enough to learn, the long tail is near average. Components are standardized and `scale_t` set on a
@@ -71,6 +73,7 @@ class LabelModel:
     component_std: np.ndarray | None = None
     scale: np.ndarray | None = None
     bias: np.ndarray | None = None
+    affinity_weight: float | None = None  # None: no affinity component
 
     @classmethod
     def create(
@@ -80,9 +83,11 @@ class LabelModel:
         discrete_cards: list[list[int]],
         sparse_ranks: list[np.ndarray],
         num_tasks: int,
+        affinity_weight: float | None = None,
     ) -> LabelModel:
         width = sum(phi_widths)
         return cls(
+            affinity_weight=affinity_weight,
             w1=(rng.standard_normal((width, HIDDEN)) * 1.0 / np.sqrt(max(len(phi_widths), 1))).astype(
                 np.float32
             ),
@@ -107,12 +112,21 @@ class LabelModel:
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def _components(
-        self, phi_groups: list[np.ndarray], discrete: list[np.ndarray], sparse: list[np.ndarray]
+        self,
+        phi_groups: list[np.ndarray],
+        discrete: list[np.ndarray],
+        sparse: list[np.ndarray],
+        affinity: np.ndarray | None = None,
     ) -> np.ndarray:
-        """[3, N, T]: numeric, discrete and sparse parts of the signal, before scaling."""
+        """[3, N, T]: numeric, discrete and sparse parts of the signal, before scaling ([4, N, T] with the
+        affinity [N] of a model created with an affinity_weight)."""
+        if (affinity is None) != (self.affinity_weight is None):
+            raise ValueError("give the affinity exactly when the label model has an affinity_weight")
         rows = len(phi_groups[0]) if phi_groups else len(discrete[0]) if discrete else len(sparse[0])
         tasks = self.w2.shape[1]
-        out = np.zeros((3, rows, tasks), dtype=np.float32)
+        out = np.zeros((3 if affinity is None else 4, rows, tasks), dtype=np.float32)
+        if affinity is not None:
+            out[3] = affinity[:, None]
         if phi_groups:
             phi = self._phi(phi_groups)
             out[0] = np.tanh(phi @ self.w1) @ self.w2 + phi @ self.linear / np.sqrt(len(phi_groups))
@@ -130,6 +144,7 @@ class LabelModel:
         sparse: list[np.ndarray],
         u: np.ndarray,
         base_rates: list[float],
+        affinity: np.ndarray | None = None,
     ) -> None:
         """Fix standardization, signal scale and per-task bias from a calibration sample."""
         self.phi_mean = [group.mean(axis=0) for group in phi_groups]
@@ -137,7 +152,7 @@ class LabelModel:
         self.phi_scale = [
             1.0 / (np.maximum(group.std(axis=0), 1e-6) * np.sqrt(group.shape[1])) for group in phi_groups
         ]
-        components = self._components(phi_groups, discrete, sparse)
+        components = self._components(phi_groups, discrete, sparse, affinity)
         std = components.std(axis=1)
         self.component_std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
         mixed = self._mix(components)
@@ -148,7 +163,8 @@ class LabelModel:
         )
 
     def _mix(self, components: np.ndarray) -> np.ndarray:
-        weights = np.array([1.0, 0.5, 0.7], dtype=np.float32)[:, None, None]
+        weights = np.array([1.0, 0.5, 0.7, self.affinity_weight or 0.0], dtype=np.float32)
+        weights = weights[: len(components), None, None]
         return (components / self.component_std[:, None, :] * weights).sum(axis=0)
 
     def logits(
@@ -157,9 +173,10 @@ class LabelModel:
         discrete: list[np.ndarray],
         sparse: list[np.ndarray],
         u: np.ndarray,
+        affinity: np.ndarray | None = None,
     ) -> np.ndarray:
         """[N, T] true logits of the labels."""
-        mixed = self._mix(self._components(phi_groups, discrete, sparse))
+        mixed = self._mix(self._components(phi_groups, discrete, sparse, affinity))
         return mixed * self.scale + SHARED_LATENT * u[:, None] + self.bias
 
 

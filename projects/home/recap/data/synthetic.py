@@ -9,6 +9,10 @@ Columns written (N = rows; see docs/data.md):
 - each `id_columns` column: int64 ids (one column when it is also a sparse column);
 - one int64 0/1 label column per `tasks` key, drawn from the label function in labels.py;
 - `weight_column` (float32 ones) when set.
+With an `Affinity` (Python only), a user id column and an author id column take their ids from the rows of
+given latent factors, and the labels depend on the pair's affinity (the factors' dot product): e.g. the
+factors of a synthetic TwHIN graph (projects/twhin/data/synthetic.py), so that vectors learned from that
+graph tell the ranker about the labels (benchmarks/bench_twhin_to_recap.py).
 Rows of a task with downsampling rates < 1 are kept with probability max over tasks of
 (pos_downsampling_rate if label else neg_downsampling_rate), as the original's data was sampled (rows with
 no engagement kept at the negative rate); the written counts then fall below `num_examples`.
@@ -70,6 +74,85 @@ class _World:
     rates: np.ndarray  # [2, T]: neg / pos keep rates
     weight_column: str | None
     labels: LabelModel
+    affinity: Affinity | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Affinity:
+    """A user-author affinity that enters every task's label logit (labels.py, component `affinity`).
+
+    The affinity of a row is `user_factors[user] . author_factors[author] + author_bias[author]`, with
+    `user` and `author` the row's ids in `user_column` / `author_column` (each an `id_columns` column or a
+    sparse feature's column), which are then drawn in [0, rows of their factors) (power-law popular, as
+    every id column). It is standardized on the calibration sample and weighs `weight` in the signal (the
+    numeric features weigh 1, categorical 0.5, sparse ids 0.7) before the signal is scaled to its fixed
+    std.
+
+    Example (the graph's `fav` score: z_u . (z_a + t_fav) + b_a):
+        graph = latent_graph({"user": 5000, "author": 2000}, 1, seed=0)
+        Affinity("meta.user_id", graph.factors["user"], "meta.author_id",
+                 graph.factors["author"] + graph.translations[0], graph.biases["author"])
+    """
+
+    user_column: str
+    user_factors: np.ndarray  # [users, D]
+    author_column: str
+    author_factors: np.ndarray  # [authors, D]
+    author_bias: np.ndarray | None = None  # [authors]
+    weight: float = 1.0
+
+    def score(self, users: np.ndarray, authors: np.ndarray) -> np.ndarray:
+        out = np.einsum("nd,nd->n", self.user_factors[users], self.author_factors[authors])
+        if self.author_bias is not None:
+            out = out + self.author_bias[authors]
+        return out.astype(np.float32)
+
+
+def _affinity_vocab(affinity: Affinity, vocab: dict[str, int], id_columns: Sequence[str]) -> dict[str, int]:
+    """Sets the vocab of the affinity's sparse columns to their factor rows; returns that of its id
+    columns."""
+    if affinity.user_column == affinity.author_column:
+        raise ConfigError(f"affinity: user_column and author_column are both {affinity.user_column!r}")
+    if (
+        affinity.user_factors.shape[1:] != affinity.author_factors.shape[1:]
+        or affinity.user_factors.ndim != 2
+    ):
+        raise ConfigError(
+            f"affinity: user_factors {affinity.user_factors.shape} and author_factors "
+            f"{affinity.author_factors.shape} need the shapes [users, D] and [authors, D]"
+        )
+    if affinity.author_bias is not None and affinity.author_bias.shape != affinity.author_factors.shape[:1]:
+        raise ConfigError(
+            f"affinity: author_bias {affinity.author_bias.shape} needs one value per author "
+            f"({len(affinity.author_factors)})"
+        )
+    sizes = {}
+    for column, rows in (
+        (affinity.user_column, len(affinity.user_factors)),
+        (affinity.author_column, len(affinity.author_factors)),
+    ):
+        if column in vocab:
+            if rows > vocab[column]:
+                raise ConfigError(
+                    f"affinity: column {column!r} has {rows} factor rows but its sparse features take "
+                    f"{vocab[column]} ids (num_buckets): ids past it would not be embedded"
+                )
+            vocab[column] = rows
+        elif column in id_columns:
+            sizes[column] = rows
+        else:
+            raise ConfigError(
+                f"affinity: column {column!r} is neither a sparse feature's column nor in id_columns "
+                f"{list(id_columns)}"
+            )
+    return sizes
+
+
+def _affinity_values(world: _World, sample: dict) -> np.ndarray | None:
+    if world.affinity is None:
+        return None
+    columns = dict(zip([*world.sparse, *world.ids], [*sample["sparse"], *sample["ids"]], strict=True))
+    return world.affinity.score(columns[world.affinity.user_column], columns[world.affinity.author_column])
 
 
 def _make_block(
@@ -112,9 +195,14 @@ def _check_columns(config: DataSource, dense: list[_Dense], id_columns: Sequence
         claim(config.weight_column, "weight_column")
 
 
-def build_world(config: DataSource, seed: int, id_columns: Sequence[str] | None = None) -> _World:
+def build_world(
+    config: DataSource,
+    seed: int,
+    id_columns: Sequence[str] | None = None,
+    affinity: Affinity | None = None,
+) -> _World:
     """The generating model of `config` for `seed` (deterministic), calibrated on a fresh sample; id columns
-    `id_columns` (None: the training section's own)."""
+    `id_columns` (None: the training section's own); `affinity`: see `Affinity`."""
     if id_columns is None:
         id_columns = config.id_columns if isinstance(config, DataConfig) else []
     rng = np.random.default_rng([seed, 0])
@@ -128,8 +216,13 @@ def build_world(config: DataSource, seed: int, id_columns: Sequence[str] | None 
         # Several features may read one column with different bucket counts: keep ids within all of them.
         size = min(feature.num_buckets or DEFAULT_VOCAB, MAX_VOCAB)
         vocab[feature.column] = min(vocab.get(feature.column, size), size)
+    id_vocab = _affinity_vocab(affinity, vocab, id_columns) if affinity is not None else {}
     sparse = {column: IdColumn.create(rng, size) for column, size in vocab.items()}
-    ids = {c: IdColumn.create(rng, DEFAULT_VOCAB) for c in dict.fromkeys(id_columns) if c not in sparse}
+    ids = {
+        c: IdColumn.create(rng, id_vocab.get(c, DEFAULT_VOCAB))
+        for c in dict.fromkeys(id_columns)
+        if c not in sparse
+    }
     tasks = list(config.tasks)
     rates = np.array(
         [[config.tasks[t].neg_downsampling_rate, config.tasks[t].pos_downsampling_rate] for t in tasks]
@@ -142,8 +235,10 @@ def build_world(config: DataSource, seed: int, id_columns: Sequence[str] | None 
         discrete_cards=[list(s.block.cardinality[s.block.informative]) for s in discrete],
         sparse_ranks=[column.popularity_rank() for column in sparse.values()],
         num_tasks=len(tasks),
+        affinity_weight=affinity.weight if affinity is not None else None,
     )
     world = _World(dense, sparse, ids, tasks, rates.T.reshape(2, len(tasks)), config.weight_column, labels)
+    world.affinity = affinity
     if tasks:
         # Drawn in slices and reduced to the label inputs at once: wide schemas stay within memory.
         calibration_rng = np.random.default_rng([seed, 1])
@@ -159,7 +254,8 @@ def build_world(config: DataSource, seed: int, id_columns: Sequence[str] | None 
             for group in list(zip(*parts, strict=True))[:3]
         )
         u = np.concatenate([part[3] for part in parts])
-        labels.calibrate(phi, discrete, sparse, u, base_rates=[base_rate(t) for t in tasks])
+        scores = np.concatenate([part[4] for part in parts]) if affinity is not None else None
+        labels.calibrate(phi, discrete, sparse, u, base_rates=[base_rate(t) for t in tasks], affinity=scores)
     return world
 
 
@@ -188,7 +284,7 @@ def _label_inputs(world: _World, sample: dict) -> tuple:
             discrete.append(values[:, source.block.informative])
         else:
             phi.append(source.block.signal(values))
-    return phi, discrete, sample["sparse"], sample["u"]
+    return phi, discrete, sample["sparse"], sample["u"], _affinity_values(world, sample)
 
 
 def _dense_arrays(source: _Dense, values: np.ndarray) -> list[pa.Array]:
@@ -213,7 +309,7 @@ def _sample_chunk(world: _World, rng: np.random.Generator, rows: int, auc: AucHi
         labels = rng.random(logits.shape, dtype=np.float32) < 1.0 / (1.0 + np.exp(-logits))
         # The oracle ranks by what the features can tell: the logit without the unobserved factor u
         # (E_u[sigmoid(z + c u)] is increasing in z, so this is the AUC of the best possible model).
-        observable = logits - SHARED_LATENT * inputs[-1][:, None]
+        observable = logits - SHARED_LATENT * inputs[3][:, None]
         if (world.rates < 1).any():
             keep_rate = np.where(labels, world.rates[1], world.rates[0]).max(axis=1)
             keep = rng.random(rows) < keep_rate
@@ -249,6 +345,7 @@ def generate(
     progress: bool = True,
     split: int = 0,
     id_columns: Sequence[str] | None = None,
+    affinity: Affinity | None = None,
 ) -> dict[str, float]:
     """Write `num_examples` rows (before downsampling) as `num_files` Parquet files; return oracle AUCs.
 
@@ -263,6 +360,7 @@ def generate(
         split: which sample of the same generating model to draw: train and validation data share `seed`
             (so they share the label function) and differ in `split`.
         id_columns: id columns written (None: the training section's own `id_columns`).
+        affinity: a user-author affinity in the labels (`Affinity`); None: none.
 
     Returns:
         task -> AUC of the true probability against the drawn labels (the best any model can reach).
@@ -272,7 +370,7 @@ def generate(
             f"need num_examples >= 0, num_files >= 1, rows_per_row_group >= 1; got {num_examples}, "
             f"{num_files}, {rows_per_row_group}"
         )
-    world = build_world(config, seed, id_columns)
+    world = build_world(config, seed, id_columns, affinity)
     auc = AucHistogram(len(world.tasks))
     os.makedirs(output_dir, exist_ok=True)
     bar = None
@@ -323,13 +421,15 @@ def generate_splits(
     output: str,
     seed: int = 0,
     validation_fraction: float = 0.2,
+    affinity: Affinity | None = None,
 ) -> list[SplitSummary]:
     """`tml-recap generate-data`: `<output>/train` and `<output>/<partition>` for every validation partition,
     each in its own section's schema and downsampling.
 
     Every split shares the seed, hence the label function, and draws different rows (`split`); every split
     holds train_data's id columns (`predict` reads them from whatever it scores). A validation partition
-    draws `num_examples * validation_fraction` rows (at least one).
+    draws `num_examples * validation_fraction` rows (at least one). `affinity` (`Affinity`) is shared by
+    every split.
     """
     if not 0 < validation_fraction <= 1:
         raise ValueError(f"--validation-fraction must be in (0, 1], got {validation_fraction}")
@@ -340,7 +440,9 @@ def generate_splits(
     summaries = []
     for index, (name, data, count) in enumerate(splits):
         folder = os.path.join(output, name)
-        oracle = generate(data, count, folder, seed=seed, split=index, id_columns=train.id_columns)
+        oracle = generate(
+            data, count, folder, seed=seed, split=index, id_columns=train.id_columns, affinity=affinity
+        )
         kept = sum(
             pq.ParquetFile(os.path.join(folder, entry)).metadata.num_rows
             for entry in os.listdir(folder)
