@@ -163,8 +163,8 @@ def _first_null(array: pa.Array, column: str, what: str, lengths: np.ndarray, wh
     position = int(np.flatnonzero(~valid)[0])
     row = int(np.searchsorted(np.cumsum(lengths), position, side="right"))
     return DataError(
-        f"{where}: column {column!r} row {row} holds a null {what} ({int((~valid).sum())} in the row "
-        "group); every entry needs an id and a value"
+        f"{where}: column {column!r} row {row} holds a null {what} ({int((~valid).sum())} null {what}s "
+        "in all); every entry needs an id and a value"
     )
 
 
