@@ -6,6 +6,9 @@ Columns written (N = rows; see docs/data.md):
   any other int64 feature) categories in [0, 100), any other float32 feature an embedding vector;
 - each `dense_columns` column: a scalar heavy-tailed column (float32 with NaN, or int64 counts);
 - each sparse feature column: int64 ids in [0, min(num_buckets or 100000, 1000000)), power-law popular;
+- each sparse continuous feature: a map<int64, float32> column, or the list<int64> ids column and the
+  list<float32> values column, with a few distinct ids per row in [0, min(num_buckets, 1000000)) and
+  zero-inflated heavy-tailed values;
 - each `id_columns` column: int64 ids (one column when it is also a sparse column);
 - one int64 0/1 label column per `tasks` key, drawn from the label function in labels.py;
 - `weight_column` (float32 ones) when set.
@@ -41,6 +44,7 @@ from tml.projects.home.recap.data.features import (
     DiscreteBlock,
     EmbeddingBlock,
     IdColumn,
+    SparseContinuousBlock,
 )
 from tml.projects.home.recap.data.labels import SHARED_LATENT, AucHistogram, LabelModel, base_rate
 from tml.reader.config import DataConfig, DataSource
@@ -74,6 +78,9 @@ class _World:
     rates: np.ndarray  # [2, T]: neg / pos keep rates
     weight_column: str | None
     labels: LabelModel
+    sparse_continuous: list[tuple[tuple[str, ...], SparseContinuousBlock]] = dataclasses.field(
+        default_factory=list
+    )  # (columns: the map, or ids and values; block)
     affinity: Affinity | None = None
 
 
@@ -187,6 +194,9 @@ def _check_columns(config: DataSource, dense: list[_Dense], id_columns: Sequence
             claim(column, f"dense feature ({source.name})")
     for feature in config.sparse_features:
         claim(feature.column, "sparse feature")
+    for feature in config.sparse_continuous_features:
+        for column in feature.columns():
+            claim(column, "sparse continuous feature")
     for column in dict.fromkeys(id_columns):
         claim(column, "id column")
     for task in config.tasks:
@@ -223,6 +233,10 @@ def build_world(
         for c in dict.fromkeys(id_columns)
         if c not in sparse
     }
+    continuous = [
+        (tuple(f.columns()), SparseContinuousBlock.create(rng, min(f.num_buckets, MAX_VOCAB)))
+        for f in config.sparse_continuous_features
+    ]
     tasks = list(config.tasks)
     rates = np.array(
         [[config.tasks[t].neg_downsampling_rate, config.tasks[t].pos_downsampling_rate] for t in tasks]
@@ -231,13 +245,15 @@ def build_world(
     discrete = [s for s in dense if isinstance(s.block, DiscreteBlock)]
     labels = LabelModel.create(
         rng,
-        phi_widths=[_signal_width(s.block) for s in numeric],
+        phi_widths=[_signal_width(s.block) for s in numeric] + [len(b.informative) for _, b in continuous],
         discrete_cards=[list(s.block.cardinality[s.block.informative]) for s in discrete],
         sparse_ranks=[column.popularity_rank() for column in sparse.values()],
         num_tasks=len(tasks),
         affinity_weight=affinity.weight if affinity is not None else None,
     )
-    world = _World(dense, sparse, ids, tasks, rates.T.reshape(2, len(tasks)), config.weight_column, labels)
+    world = _World(
+        dense, sparse, ids, tasks, rates.T.reshape(2, len(tasks)), config.weight_column, labels, continuous
+    )
     world.affinity = affinity
     if tasks:
         # Drawn in slices and reduced to the label inputs at once: wide schemas stay within memory.
@@ -274,7 +290,9 @@ def _sample_features(world: _World, rng: np.random.Generator, rows: int) -> dict
     dense = [source.block.sample(rng, h) for source in world.dense]
     sparse = [column.sample(rng, rows) for column in world.sparse.values()]
     ids = [column.sample(rng, rows) for column in world.ids.values()]
-    return {"dense": dense, "sparse": sparse, "ids": ids, "u": rng.standard_normal(rows).astype(np.float32)}
+    u = rng.standard_normal(rows).astype(np.float32)
+    continuous = [block.sample(rng, h) for _, block in world.sparse_continuous]
+    return {"dense": dense, "sparse": sparse, "ids": ids, "u": u, "sparse_continuous": continuous}
 
 
 def _label_inputs(world: _World, sample: dict) -> tuple:
@@ -284,6 +302,8 @@ def _label_inputs(world: _World, sample: dict) -> tuple:
             discrete.append(values[:, source.block.informative])
         else:
             phi.append(source.block.signal(values))
+    for (_, block), values in zip(world.sparse_continuous, sample["sparse_continuous"], strict=True):
+        phi.append(block.signal(values))
     return phi, discrete, sample["sparse"], sample["u"], _affinity_values(world, sample)
 
 
@@ -320,6 +340,15 @@ def _sample_chunk(world: _World, rng: np.random.Generator, rows: int, auc: AucHi
             columns[task] = pa.array(labels[:, index].astype(np.int64))
     for column, values in zip([*world.sparse, *world.ids], [*sample["sparse"], *sample["ids"]], strict=True):
         columns[column] = pa.array(values)
+    for (names, _), (offsets, ids, values) in zip(
+        world.sparse_continuous, sample["sparse_continuous"], strict=True
+    ):
+        offsets = pa.array(offsets.astype(np.int32))
+        if len(names) == 1:
+            columns[names[0]] = pa.MapArray.from_arrays(offsets, pa.array(ids), pa.array(values))
+        else:
+            columns[names[0]] = pa.ListArray.from_arrays(offsets, pa.array(ids))
+            columns[names[1]] = pa.ListArray.from_arrays(offsets, pa.array(values))
     if keep is not None:
         mask = pa.array(keep)
         columns = {
