@@ -131,7 +131,10 @@ def test_phases_named_in_the_config_are_checked():
     ]
     with pytest.raises(ConfigError, match=r"plan.phases\[1\]: unknown phase 'test'; the phases are"):
         phases("plan.phases=[train, test]")
-    with pytest.raises(ConfigError, match=r"phases run in the order \['train', 'calibrate', 'evaluate'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"phases run in the order \['calibrate-discretizer', 'train', 'calibrate', 'evaluate'\]",
+    ):
         phases("plan.phases=[evaluate, train]")
     with pytest.raises(ConfigError, match=r"phase 'calibrate' cannot run: the config has no validation_data"):
         phases("plan.phases=[train, calibrate]", "validation_data={}", "training.eval_every_n=null",
