@@ -22,6 +22,12 @@ MAX_DISCRETIZED_IDS = 1 << 20
 DISCRETIZER = "discretizer"
 
 
+def _distinct_features(features: list[str]) -> list[str]:
+    if len(set(features)) != len(features):
+        raise ValueError(f"features repeat: {features}")
+    return features
+
+
 class DiscretizerConfig(BaseConfig):
     """Percentile bins of continuous inputs, with bin ids that survive re-calibration."""
 
@@ -64,12 +70,7 @@ class DiscretizerConfig(BaseConfig):
         "names and indices) until at least this many rows; None reads all of train_data.",
     )
 
-    @pydantic.field_validator("features")
-    @classmethod
-    def _distinct(cls, features: list[str]) -> list[str]:
-        if len(set(features)) != len(features):
-            raise ValueError(f"features repeat: {features}")
-        return features
+    _distinct = pydantic.field_validator("features")(_distinct_features)
 
 
 class SparseLinearConfig(BaseConfig):
@@ -85,9 +86,4 @@ class SparseLinearConfig(BaseConfig):
         "max |value| per id.",
     )
 
-    @pydantic.field_validator("features")
-    @classmethod
-    def _distinct(cls, features: list[str]) -> list[str]:
-        if len(set(features)) != len(features):
-            raise ValueError(f"features repeat: {features}")
-        return features
+    _distinct = pydantic.field_validator("features")(_distinct_features)
