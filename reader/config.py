@@ -194,8 +194,9 @@ class Preprocess(BaseConfig):
     )
     nan_policy: Literal["zero", "error", "keep"] = pydantic.Field(
         "zero",
-        description="Non-finite dense float values (NaN, +-inf, null): 'zero' replaces them with 0 and counts "
-        "them in dataset.stats, 'error' raises naming the file and column, 'keep' passes them on.",
+        description="Non-finite dense float values and sparse continuous values (NaN, +-inf, null): 'zero' "
+        "replaces them with 0 and counts them in dataset.stats, 'error' raises naming the file and column, "
+        "'keep' passes them on.",
     )
 
 

@@ -48,7 +48,7 @@ from tml.projects.home.recap.model.discretizer import (
     write_boundaries,
 )
 from tml.projects.home.recap.model.sparse_linear import calibration_settings
-from tml.reader.fs import list_inputs, open_input
+from tml.reader.fs import filesystem_for, list_inputs, open_input
 from tml.reader.ranking import DecodePlan, check_schema, decode_table, sparse_values
 from tml.reader.schema import resolve_dense_specs
 from tml.reader.sparse import SparseContinuousSpec, stable_hash
@@ -254,7 +254,7 @@ def calibrate_discretizer(config, overwrite: bool) -> str:
     if settings is None:
         raise ConfigError(f"calibrate-discretizer: the config has no {KEY} section")
     path = settings.boundaries_path
-    if os.path.exists(path.removeprefix("file://")) and not overwrite:
+    if _exists(path) and not overwrite:
         raise OutputExistsError(
             f"{KEY}.boundaries_path {path!r} exists: pass --overwrite to replace it (checkpoints trained with "
             "it then read other bins; calibrate into a new file to warm start a new run instead)"
@@ -352,13 +352,19 @@ def _trained_with_it(config) -> str | None:
     )
 
 
+def _exists(path: str) -> bool:
+    """Whether the boundaries file exists, for a local path or an fsspec URL."""
+    fs, inner = filesystem_for(path)
+    return fs.exists(inner)
+
+
 def phase_run(config) -> dict:
     """Calibrate (replacing the file) unless save_dir holds checkpoints trained with the existing file."""
     from tml.projects.home.recap.plan import PlanError, _sha256
 
     path = config.model.discretizer.boundaries_path
     refusal = _trained_with_it(config)
-    if refusal is not None and os.path.exists(path):
+    if refusal is not None and _exists(path):
         raise PlanError(f"plan: phase 'calibrate-discretizer': {refusal}")
     calibrate_discretizer(config, overwrite=True)
     return {"file": path, "sha256": _sha256(path), "paths": [path]}

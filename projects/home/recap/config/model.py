@@ -345,7 +345,7 @@ class TowerGroupConfig(BaseConfig):
     features: list[str] = pydantic.Field(
         ...,
         min_length=1,
-        description="Feature names (a dense tensor, embedding table or `position_debias`), optionally "
+        description="Feature names (a dense tensor, embedding table, `position_debias` or `sparse_linear`), optionally "
         "with a column range, e.g. `continuous[0:100]`.",
     )
     layer_sizes: list[pydantic.PositiveInt] = pydantic.Field(

@@ -8,9 +8,9 @@ at the quantiles `i / num_bins` of a sample of train_data (tied quantiles merge 
 writes the boundaries file (`write_boundaries`; format below).
 
 **Bin ids.** A bin is identified by its feature and the quantile level at which it starts: `level 0` below
-the first boundary, then the level `i / num_bins` (as a reduced fraction) of each boundary; non-finite
-values (NaN under `nan_policy: keep`) have a bin of their own, `missing`. The id is the 64-bit FNV-1a hash
-of `"<feature>|<level>"` (e.g. `"continuous[17]|3/16"`, `"continuous[17]|missing"`) modulo `2**out_bits`,
+the first boundary, then the level `i / num_bins` (as a reduced fraction) of each boundary; NaN (under
+`nan_policy: keep`) has a bin of its own, `missing` (+inf falls into the last bin, -inf into the first).
+The id is the 64-bit FNV-1a hash of `"<feature>|<level>"` (e.g. `"continuous[17]|3/16"`, `"continuous[17]|missing"`) modulo `2**out_bits`,
 as TWML's hashing discretizer did. Re-calibrating on new data moves the boundaries with the data, and
 every bin whose feature and starting level are unchanged - "the values between the 3rd and the 4th
 16-quantile of feature 17" - keeps its id, so warm-started weights keep their meaning; only bins whose

@@ -61,7 +61,7 @@ def _hash(text: str) -> int:
     return int(stable_hash(pa.array([text]))[0] & ((1 << 12) - 1))
 
 
-def test_bins_are_right_closed_and_ids_hash_feature_and_starting_level(tmp_path):
+def test_bins_are_left_closed_and_ids_hash_feature_and_starting_level(tmp_path):
     settings = _settings(tmp_path)
     features = {"continuous[0]": CUT, "continuous[2]": {"levels": [2], "boundaries": [5.0], "count": 10},
                 "counts:1": CUT}  # fmt: skip
