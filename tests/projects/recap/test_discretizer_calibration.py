@@ -240,6 +240,17 @@ def test_calibrate_refuses_to_overwrite_and_needs_a_section(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({}))
     with pytest.raises(OutputExistsError, match=r"boundaries_path .*b\.json' exists: pass --overwrite"):
         calibrate_discretizer(config, overwrite=False)
+    # The same for a file behind an fsspec URL.
+    import fsspec
+
+    remote = f"memory://{tmp_path.name}/b.json"
+    with fsspec.open(remote, "w") as f:
+        f.write("{}")
+    config = make_config(str(tmp_path), remote, None)
+    with pytest.raises(
+        OutputExistsError, match=r"boundaries_path 'memory://.*b\.json' exists: pass --overwrite"
+    ):
+        calibrate_discretizer(config, overwrite=False)
     config.model.discretizer = None
     config.model.sparse_linear = None
     with pytest.raises(ConfigError, match="the config has no model.discretizer section"):
