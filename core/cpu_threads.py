@@ -111,13 +111,18 @@ class ThreadTuner:
 
 
 def thread_tuner(
-    requested: int | None, env: DistEnv, train_data: object, batches_per_step: int = 1
+    requested: int | None,
+    env: DistEnv,
+    train_data: object,
+    batches_per_step: int = 1,
+    compiled: bool = False,
 ) -> ThreadTuner | None:
     """A ThreadTuner when the thread count is automatic (no `requested`, no OMP_NUM_THREADS), the model
     trains on the CPU, the data reports its CPU cost (`cpu_seconds_per_batch()`) and a core was kept for
-    the reader."""
+    the reader. Not for a `compiled` model: torch.compile's graphs guard on the thread count, so each
+    change would recompile every compiled part, inside the windows that time it."""
     reader = getattr(train_data, "cpu_seconds_per_batch", None)
-    if requested is not None or os.environ.get("OMP_NUM_THREADS") or env.device.type != "cpu":
+    if requested is not None or os.environ.get("OMP_NUM_THREADS") or env.device.type != "cpu" or compiled:
         return None
     if reader is None or torch.get_num_threads() >= cpu_share():
         return None

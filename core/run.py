@@ -271,7 +271,7 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
         pipeline=t.pipeline,
         batch_type=job.batch_type,
         profiler=_profiler(t, env),
-        threads=thread_tuner(t.num_threads, env, job.train_data, t.gradient_accumulation),
+        threads=thread_tuner(t.num_threads, env, job.train_data, t.gradient_accumulation, use_compile(t)),
     )
     if use_compile(t):
         compiled = compile_dense(job.sharded.module)

@@ -109,6 +109,7 @@ def test_the_tuner_runs_only_when_threads_are_automatic(monkeypatch):
     assert isinstance(thread_tuner(None, cpu, Data()), ThreadTuner)
     assert thread_tuner(1, cpu, Data()) is None  # training.num_threads set
     assert thread_tuner(None, cuda, Data()) is None
+    assert thread_tuner(None, cpu, Data(), compiled=True) is None  # training.compile=dense
     assert thread_tuner(None, cpu, object()) is None  # data that does not report its cost
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one core per process: nothing to give
     assert thread_tuner(None, cpu, Data()) is None
