@@ -38,6 +38,12 @@ with open(args_file, "rb") as f:
 result = getattr(module, name)(*args)
 with open(out_file, "wb") as f:
     pickle.dump(result, f)
+# As the entry points do (tml.core.distributed.run_distributed): a process group left to interpreter
+# teardown can abort the process ("terminate called without an active exception").
+if "torch.distributed" in sys.modules:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pathlib
 
 import pytest
@@ -168,6 +169,10 @@ def _run_all(stats_dir: str) -> dict:
     from tml.core.distributed import init_distributed
 
     env = init_distributed("gloo", "cpu")
+    # Each rank writes its own stats and boundaries files: ranks writing one path race (a rank read a
+    # file another was rewriting).
+    stats_dir = os.path.join(stats_dir, f"rank{env.rank}")
+    os.makedirs(stats_dir, exist_ok=True)
     results = {}
     for name in CONFIGS:
         config = tiny_config(name, stats_dir)
