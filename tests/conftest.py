@@ -137,6 +137,32 @@ def _wait(procs: list[subprocess.Popen], timeout: float, grace: float = 3.0) -> 
         time.sleep(0.05)
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_alone(fn, *args, timeout: float = 900.0, cwd: str | None = None):
+    """Run module-level `fn(*args)` in one fresh process outside any torchrun environment (no RANK,
+    WORLD_SIZE, MASTER_* variables: as a user runs a command) and return its result. Commands set up and
+    tear down a process group, seeds, threads and signal handlers, which must not leak into the test
+    runner. A failure raises with the process's output."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    with tempfile.TemporaryDirectory() as tmp:
+        args_file, out = os.path.join(tmp, "args.pkl"), os.path.join(tmp, "out.pkl")
+        with open(args_file, "wb") as f:
+            pickle.dump(args, f)
+        cmd = [sys.executable, "-c", _CHILD, inspect.getfile(fn), fn.__name__, args_file, out]
+        done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+        with open(out, "rb") as f:
+            return pickle.load(f)
+
+
+@pytest.fixture
+def run_alone():
+    """The `launch_alone` helper as a fixture."""
+    return launch_alone
+
+
 @pytest.fixture
 def run_ranks():
     """The `launch_ranks` helper as a fixture (test modules cannot import conftest by name)."""

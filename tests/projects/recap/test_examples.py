@@ -12,10 +12,7 @@ import glob
 import json
 import os
 import pathlib
-import pickle
 import shlex
-import subprocess
-import sys
 
 import pytest
 
@@ -33,7 +30,7 @@ TINY = [
 ]
 
 
-def documented_commands(path: pathlib.Path, env: dict[str, str]) -> list[list[str]]:
+def header_commands(path: pathlib.Path, env: dict[str, str]) -> list[list[str]]:
     """The `tml-recap ...` lines of the YAML's header comment, variables expanded, as argv lists."""
     from tml.core.config.loader import substitute_env
 
@@ -44,12 +41,18 @@ def documented_commands(path: pathlib.Path, env: dict[str, str]) -> list[list[st
         text = line.lstrip("# ").strip()
         if text.startswith("tml-recap "):
             # Expanded like the shell would (${VAR:-default} included), by the config loader's rules.
-            argv = shlex.split(substitute_env(text, str(path), env))[1:]
-            if argv[0] == "generate-data":
-                argv[argv.index("--num-examples") + 1] = NUM_EXAMPLES
-            if argv[0] in ("train", "evaluate", "predict"):
-                argv += TINY
-            commands.append(argv)
+            commands.append(shlex.split(substitute_env(text, str(path), env))[1:])
+    return commands
+
+
+def documented_commands(path: pathlib.Path, env: dict[str, str]) -> list[list[str]]:
+    """`header_commands` at tiny sizes: NUM_EXAMPLES generated rows, TINY added to train / evaluate / predict."""
+    commands = header_commands(path, env)
+    for argv in commands:
+        if argv[0] == "generate-data":
+            argv[argv.index("--num-examples") + 1] = NUM_EXAMPLES
+        if argv[0] in ("train", "evaluate", "predict"):
+            argv += TINY
     return commands
 
 
@@ -89,33 +92,9 @@ def _run_examples(tmp: str) -> dict:
     return report
 
 
-_CHILD = """
-import importlib.util, pickle, sys
-spec = importlib.util.spec_from_file_location("_examples_test", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-with open(sys.argv[3], "wb") as f:
-    pickle.dump(module._run_examples(sys.argv[2]), f)
-"""
-
-
 @pytest.mark.slow
-def test_every_example_runs_its_documented_commands(tmp_path):
-    # A fresh process: train/evaluate/predict set up (and tear down) a process group, seeds, threads and
-    # signal handlers, which must not leak into the test runner.
-    torchrun = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in torchrun}
-    out = tmp_path / "report.pkl"
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, __file__, str(tmp_path), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
-    with open(out, "rb") as f:
-        report = pickle.load(f)
+def test_every_example_runs_its_documented_commands(run_alone, tmp_path):
+    report = run_alone(_run_examples, str(tmp_path), timeout=600)
     assert sorted(report) == [p.name for p in EXAMPLES] and len(report) == 6
     for name, got in report.items():
         assert got["modes"][0] == "generate-data", name

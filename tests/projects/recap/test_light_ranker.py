@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pathlib
-import pickle
 import re
 import signal
 import subprocess
@@ -192,26 +191,9 @@ def _run(tmp: str) -> dict:
     return report
 
 
-_CHILD = """
-import importlib.util, pickle, sys
-spec = importlib.util.spec_from_file_location("_light_ranker_test", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-with open(sys.argv[3], "wb") as f:
-    pickle.dump(module._run(sys.argv[2]), f)
-"""
-
-
 @pytest.mark.slow
-def test_light_ranker_runs_its_documented_commands(tmp_path):
-    torchrun = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in torchrun}
-    out = tmp_path / "report.pkl"
-    done = subprocess.run([sys.executable, "-c", _CHILD, __file__, str(tmp_path), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
-    with open(out, "rb") as f:
-        got = pickle.load(f)
+def test_light_ranker_runs_its_documented_commands(run_alone, tmp_path):
+    got = run_alone(_run, str(tmp_path), timeout=900)
     assert got["modes"] == [
         "generate-data",
         "calibrate-discretizer",

@@ -5,10 +5,10 @@ every phase, predict and the artifact score with the same calibrated knots; day 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 
@@ -33,23 +33,25 @@ COMMON = [
 CONFIG_MODES = ("plan", "train", "evaluate", "predict", "export", "calibrate")
 
 
+def _header_commands(path: pathlib.Path, env: dict[str, str]) -> list[list[str]]:
+    """tests/projects/recap/test_examples.py's header parser (test modules load each other by path)."""
+    spec = importlib.util.spec_from_file_location(
+        "_examples", pathlib.Path(__file__).with_name("test_examples.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.header_commands(path, env)
+
+
 def documented_commands(path: pathlib.Path, env: dict[str, str]) -> list[list[str]]:
     """The header's `tml-recap ...` lines, variables expanded by the config loader's rules, tiny sizes added."""
-    from tml.core.config.loader import substitute_env
-
-    commands = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = line.lstrip("# ").strip()
-        if text.startswith("tml-recap "):
-            argv = shlex.split(substitute_env(text, str(path), env))[1:]
-            if argv[0] == "generate-data":
-                argv[argv.index("--num-examples") + 1] = NUM_EXAMPLES
-            if argv[0] in CONFIG_MODES:
-                config = pathlib.Path(argv[argv.index("--config") + 1]).name
-                argv += COMMON + TINY.get(config, [])
-            commands.append(argv)
+    commands = _header_commands(path, env)
+    for argv in commands:
+        if argv[0] == "generate-data":
+            argv[argv.index("--num-examples") + 1] = NUM_EXAMPLES
+        if argv[0] in CONFIG_MODES:
+            config = pathlib.Path(argv[argv.index("--config") + 1]).name
+            argv += COMMON + TINY.get(config, [])
     return commands
 
 

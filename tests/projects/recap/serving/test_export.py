@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 
@@ -188,28 +187,9 @@ def _examples_child(tmp: str) -> dict:
     return report
 
 
-_CHILD = """
-import importlib.util, pickle, sys
-spec = importlib.util.spec_from_file_location("_export_test", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-with open(sys.argv[3], "wb") as f:
-    pickle.dump(module._examples_child(sys.argv[2]), f)
-"""
-
-
 @pytest.mark.slow
-def test_every_architecture_and_split_tower_part_exports(tmp_path):
-    torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in torchrun}
-    out = tmp_path / "report.pkl"
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, __file__, str(tmp_path), str(out)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
-    with open(out, "rb") as f:
-        report = pickle.load(f)
+def test_every_architecture_and_split_tower_part_exports(run_alone, tmp_path):
+    report = run_alone(_examples_child, str(tmp_path), timeout=900, cwd=str(ROOT))
     for name in ("mlp", "masknet", "dcn", "dlrm", "embeddings", "split_towers"):
         assert_same_scores(pathlib.Path(report[name]["scored"]), pathlib.Path(report[name]["predicted"]))
     for part, got in report["parts"].items():
