@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import os
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -119,3 +120,18 @@ def read_bytes(url: str) -> bytes:
     handle: IO[bytes]
     with fs.open(path, "rb") as handle:
         return handle.read()
+
+
+def write_text(url: str, text: str) -> None:
+    """Write a small side file (calibration, plan record) at a local path or fsspec URL. A local file is
+    replaced atomically (written beside it, then renamed), so a reader never sees half of it."""
+    fs, path = filesystem_for(url)
+    if not is_local(fs):
+        with fs.open(path, "w") as handle:
+            handle.write(text)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

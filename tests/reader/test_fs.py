@@ -67,3 +67,15 @@ def test_urls_resolve_the_same_way():
         fs, paths = list_inputs(inputs)
         assert paths == ["/resolver-test/a.parquet", "/resolver-test/c/d.parquet"], inputs
         assert "memory" in fs.protocol
+
+
+def test_write_text_replaces_a_local_file_whole_and_writes_fsspec_urls(tmp_path):
+    from tml.reader.fs import read_bytes, write_text
+
+    path = tmp_path / "side" / "record.json"
+    write_text(str(path), "first")
+    write_text(str(path), "second")
+    assert path.read_text() == "second"
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temporary file left
+    write_text(f"memory://{tmp_path.name}/record.json", "remote")
+    assert read_bytes(f"memory://{tmp_path.name}/record.json") == b"remote"

@@ -35,6 +35,7 @@ from tml.ml_logging.log import get_logger
 from tml.projects.home.recap.config import RecapConfig
 from tml.projects.home.recap.isotonic import BinnedStats, fit_knots
 from tml.projects.home.recap.model.heads import TaskHeads
+from tml.reader.fs import write_text
 
 logger = get_logger(__name__)
 FORMAT = "tml-recap-calibration"
@@ -173,10 +174,7 @@ def calibrate_checkpoint(config: RecapConfig, checkpoint: str | None, partition:
             "weights_digest": weights_digest(sharded.module),
             "tasks": fitted,
         }
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out + ".tmp", "w") as f:
-            json.dump(document, f, indent=1)
-        os.replace(out + ".tmp", out)
+        write_text(out, json.dumps(document, indent=1))
         for task, fit in fitted.items():
             logger.info(
                 "%s: %d knots from %d bins; on %s mean prediction %.5f, mean label %.5f (calibration %.3f before)",

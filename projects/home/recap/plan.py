@@ -39,6 +39,7 @@ from tml.core.config.loader import ConfigError
 from tml.core.errors import UserError
 from tml.ml_logging.log import get_logger
 from tml.projects.home.recap import discretizer_calibration as discretizer
+from tml.reader.fs import write_text
 
 logger = get_logger(__name__)
 
@@ -264,11 +265,7 @@ def _read_record(save_dir: str, phase: str) -> dict | None:
 
 
 def _write_record(save_dir: str, record: dict) -> None:
-    path = _record_path(save_dir, record["phase"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text(_record_path(save_dir, record["phase"]), json.dumps(record, indent=1))
 
 
 def _reason_to_run(phase: Phase, record: dict | None, inputs: dict) -> str | None:

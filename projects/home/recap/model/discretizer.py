@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 import fsspec
 import numpy as np
@@ -55,6 +54,7 @@ from tml.core.config.loader import ConfigError
 from tml.ml_logging.log import get_logger
 from tml.reader.batch import SparseValues
 from tml.reader.config import DataSource
+from tml.reader.fs import write_text
 from tml.reader.schema import DenseSpec, resolve_dense_specs
 from tml.reader.sparse import stable_hash
 
@@ -164,17 +164,7 @@ def read_boundaries(path: str) -> dict:
 
 def write_boundaries(path: str, document: dict) -> None:
     """Write the boundaries file (a local file is replaced atomically)."""
-    text = json.dumps(document, indent=None, separators=(",", ":"))
-    if "://" in path and not path.startswith("file://"):
-        with fsspec.open(path, "w") as f:
-            f.write(text)
-        return
-    path = path.removeprefix("file://")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(document, indent=None, separators=(",", ":")))
 
 
 def check_calibration(document: dict, path: str, calibration: dict, inputs: list[DiscretizedInput]) -> None:
