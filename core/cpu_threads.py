@@ -60,7 +60,7 @@ class ThreadTuner:
         self.low, self.high = torch.get_num_threads(), share
         self.warmup_steps, self.window_steps, self.window_seconds = warmup_steps, window_steps, window_seconds
         self.settle_steps, self.busy_reader, self.margin = settle_steps, busy_reader, margin
-        self.phase, self.count, self.step_time = "warmup", 0, 0.0
+        self._open("warmup")
         self.rates: dict[int, float] = {}
         self.reader_busy: float | None = None  # cores, measured in the first window
         self.decided: int | None = None
@@ -89,7 +89,7 @@ class ThreadTuner:
                 self._decide(self.low, step)
                 return
             torch.set_num_threads(self.high)
-            self.phase, self.count, self.step_time = "settle", 0, 0.0
+            self._open("settle")
             return
         faster = self.rates[self.high] > self.rates[self.low] * (1 + self.margin)
         self._decide(self.high if faster else self.low, step)
