@@ -37,19 +37,24 @@ def lockstep(batches: Iterable, env: DistEnv, limit: int | None = None) -> Itera
     One tiny all_reduce per round (on the CPU control group) tells whether any rank still has a batch.
     """
     it, last, rounds = iter(batches), None, 0
-    while limit is None or rounds < limit:
-        batch = next(it, None)
-        if not any_rank_true(batch is not None, env):
-            return
-        if batch is None and last is None:
-            raise RuntimeError(
-                f"rank {env.rank} has no batch while other ranks do: give every rank at least one batch "
-                "(more data files or row groups than ranks, or a smaller batch size)"
-            )
-        if batch is not None:
-            last = batch.to(env.device, non_blocking=True)
-        yield last, batch is not None
-        rounds += 1
+    try:
+        while limit is None or rounds < limit:
+            batch = next(it, None)
+            if not any_rank_true(batch is not None, env):
+                return
+            if batch is None and last is None:
+                raise RuntimeError(
+                    f"rank {env.rank} has no batch while other ranks do: give every rank at least one "
+                    "batch (more data files or row groups than ranks, or a smaller batch size)"
+                )
+            if batch is not None:
+                last = batch.to(env.device, non_blocking=True)
+            yield last, batch is not None
+            rounds += 1
+    finally:  # a reader stopped at `limit` (or by a failure) stops its threads now
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 @torch.no_grad()

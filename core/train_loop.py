@@ -148,13 +148,27 @@ class _AgreedIterator:
         if self.ahead is not None and self.ahead[2] is not None:
             self.ahead[2].wait()
         self.ahead = None
+        self.close_source()
+
+    def close_source(self) -> None:
+        """Stop the batches' source (a reader's threads) now: a pipeline keeps this iterator referenced
+        long after training, and reader threads still running at interpreter exit can abort it."""
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()
 
 
 def _pinned(batches: Iterable) -> Iterator:
     """Batches in page-locked host memory, so the pipelines' `to(device, non_blocking=True)` copies run
-    asynchronously (from pageable memory CUDA copies synchronously)."""
-    for batch in batches:
-        yield batch.pin_memory()
+    asynchronously (from pageable memory CUDA copies synchronously). Closing it closes `batches`' iterator."""
+    it = iter(batches)
+    try:
+        for batch in it:
+            yield batch.pin_memory()
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple[Callable, object | None]:
@@ -267,6 +281,9 @@ def train(
                 window.verify(step)
                 _run_eval(evaluate, step, module, pipeline)
                 evaluated = step
+    except BaseException:
+        data.close_source()  # no wait for the agreement in flight: another rank may have failed
+        raise
     finally:
         profiler.close()  # a trace of the steps before a failure or a stop is still written
     data.close()

@@ -5,7 +5,9 @@ Row groups are decoded in parallel (pyarrow releases the GIL) but consumed in pl
 deterministic. What a row is stays the decoder's business (tml.reader.decoder): the threads only read its
 columns, call `decode`, cut, permute and join chunks with their row operations and call `to_batch`. At most about 2 x num_workers row groups, one shuffle window and `prefetch_batches` batches
 are held at a time. An exception in any thread reaches the consumer, with the file named in its message.
-The threads reference neither the iterator nor the dataset, so closing or dropping the iterator stops them.
+The threads reference neither the iterator nor the dataset, so closing or dropping the iterator stops them;
+iterators still open at interpreter exit are closed by an atexit hook (a daemon thread inside a torch op
+when the interpreter finalizes aborts the process: "terminate called without an active exception").
 The CPU time they use (decoding, shuffling, batching) is summed in `Source.cpu`: a training process sizes
 torch's threads by it (tml.core.cpu_threads).
 
@@ -17,12 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import dataclasses
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -205,6 +209,15 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
         count_cpu()
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # BatchIterators not closed yet
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN):
+        iterator.close()
+
+
 class BatchIterator:
     """Iterator of the decoder's batches produced by background threads; `close()` (or GC) stops them."""
 
@@ -227,6 +240,7 @@ class BatchIterator:
             daemon=True,
         )
         self._thread.start()
+        _OPEN.add(self)
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -255,6 +269,7 @@ class BatchIterator:
         """Stop the threads and drop the batches still queued."""
         self._done = True
         self._stop.set()
+        _OPEN.discard(self)
         while True:
             try:
                 self._queue.get_nowait()

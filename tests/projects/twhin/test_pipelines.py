@@ -68,6 +68,8 @@ def tiny_config(name: str, folder: str):
 
 
 def _train(config, env, pipeline: str) -> tuple[list[float], list[bool]]:
+    import threading
+
     from torchrec.distributed.types import ShardedModule
 
     from tml.core.train_loop import LoopOptions, train
@@ -81,9 +83,24 @@ def _train(config, env, pipeline: str) -> tuple[list[float], list[bool]]:
     options = LoopOptions(
         num_train_steps=STEPS, train_log_every_n=1, pipeline=pipeline, batch_type=TwhinBatch
     )
-    result = train(sharded.module, [optimizer], scheduler, data, env, options)
+    kept = _KeepIterators(data)
+    result = train(sharded.module, [optimizer], scheduler, kept, env, options)
+    # With its iterator still referenced (as a pipeline may keep it), train() itself stopped the reader.
+    readers = [t.name for t in threading.enumerate() if t.name == "tml-reader-driver" and t.is_alive()]
+    assert kept.iterators and not readers, f"{pipeline}: reader threads running after train(): {readers}"
     pipelined = [bool(m.is_pipelined) for m in sharded.module.modules() if isinstance(m, ShardedModule)]
     return result.losses, pipelined
+
+
+class _KeepIterators:
+    """`batches`, keeping a reference to every iterator handed out."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.iterators = batches, []
+
+    def __iter__(self):
+        self.iterators.append(iter(self.batches))
+        return self.iterators[-1]
 
 
 def _run_all(folder: str) -> dict:
