@@ -45,15 +45,19 @@ class TensorChunk:
         return TensorChunk(stop - start, tensors, jagged)
 
     def take(self, rows: torch.Tensor) -> TensorChunk:
+        # index_select, not tensor[rows]: advanced indexing is 3-7x slower on CPU for these shapes, and this
+        # gather is a third of the reader's time when shuffling (benchmarks/RESULTS.md, "End to end").
         jagged = {}
         for key, (values, offsets) in self.jagged.items():
-            lengths = (offsets[1:] - offsets[:-1])[rows]
+            starts = offsets[:-1].index_select(0, rows)
+            lengths = offsets[1:].index_select(0, rows) - starts
             new_offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
             torch.cumsum(lengths, 0, out=new_offsets[1:])
             # Position of every output value in `values`: its row's old start plus its rank within the row.
-            shift = torch.repeat_interleave(offsets[:-1][rows] - new_offsets[:-1], lengths)
-            jagged[key] = (values[shift + torch.arange(int(new_offsets[-1]))], new_offsets)
-        tensors = {key: tensor[rows] for key, tensor in self.tensors.items()}
+            shift = torch.repeat_interleave(starts - new_offsets[:-1], lengths)
+            positions = shift + torch.arange(int(new_offsets[-1]))
+            jagged[key] = (values.index_select(0, positions), new_offsets)
+        tensors = {key: tensor.index_select(0, rows) for key, tensor in self.tensors.items()}
         return TensorChunk(len(rows), tensors, jagged)
 
     @classmethod
