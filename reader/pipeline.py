@@ -7,7 +7,8 @@ columns, call `decode`, cut, permute and join chunks with their row operations a
 are held at a time. An exception in any thread reaches the consumer, with the file named in its message.
 The threads reference neither the iterator nor the dataset, so closing or dropping the iterator stops them;
 iterators still open at interpreter exit are closed by an atexit hook (a daemon thread inside a torch op
-when the interpreter finalizes aborts the process: "terminate called without an active exception").
+when the interpreter finalizes can abort the process: "terminate called without an active exception").
+Each reader thread runs its torch ops on one OpenMP thread (tml.reader.torch_threads).
 The CPU time they use (decoding, shuffling, batching) is summed in `Source.cpu`: a training process sizes
 torch's threads by it (tml.core.cpu_threads).
 
@@ -36,6 +37,7 @@ import torch
 from tml.reader.decoder import Chunk, DataError, Decoder, location
 from tml.reader.fs import open_input
 from tml.reader.sharding import EpochPlan, Unit, Window, window_permutation
+from tml.reader.torch_threads import use_one_torch_thread
 
 _END = object()
 _POLL_S = 0.1
@@ -132,7 +134,10 @@ def _windows(source: Source, start_epoch: int, skip_rows: int) -> Iterator[tuple
 
 
 def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: dict) -> None:
-    pool = concurrent.futures.ThreadPoolExecutor(source.num_workers, thread_name_prefix="tml-reader-decode")
+    use_one_torch_thread()  # the reader's torch ops must not run OpenMP teams beside the training's
+    pool = concurrent.futures.ThreadPoolExecutor(
+        source.num_workers, thread_name_prefix="tml-reader-decode", initializer=use_one_torch_thread
+    )
     pending: collections.deque = collections.deque()
     held: list[Chunk] = []
     held_rows = 0
