@@ -52,9 +52,14 @@ def lockstep(batches: Iterable, env: DistEnv, limit: int | None = None) -> Itera
             yield last, batch is not None
             rounds += 1
     finally:  # a reader stopped at `limit` (or by a failure) stops its threads now
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+        close_iterator(it)
+
+
+def close_iterator(it: Iterator) -> None:
+    """Stop an iterator that holds resources (a reader's threads, a generator); others have no `close`."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 @torch.no_grad()

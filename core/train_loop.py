@@ -33,6 +33,7 @@ import torch
 from torch.profiler import record_function
 
 from tml.core.distributed import DistEnv, min_over_ranks
+from tml.core.eval_loop import close_iterator
 from tml.core.state import LoopState
 from tml.ml_logging.log import get_logger
 from tml.ml_logging.progress import progress_bar
@@ -148,14 +149,6 @@ class _AgreedIterator:
         if self.ahead is not None and self.ahead[2] is not None:
             self.ahead[2].wait()
         self.ahead = None
-        self.close_source()
-
-    def close_source(self) -> None:
-        """Stop the batches' source (a reader's threads) now: a pipeline keeps this iterator referenced
-        long after training, and reader threads still running at interpreter exit can abort it."""
-        close = getattr(self.it, "close", None)
-        if close is not None:
-            close()
 
 
 def _pinned(batches: Iterable) -> Iterator:
@@ -166,9 +159,7 @@ def _pinned(batches: Iterable) -> Iterator:
         for batch in it:
             yield batch.pin_memory()
     finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+        close_iterator(it)
 
 
 def _make_progress(module, control, env: DistEnv, options: LoopOptions) -> tuple[Callable, object | None]:
@@ -281,12 +272,12 @@ def train(
                 window.verify(step)
                 _run_eval(evaluate, step, module, pipeline)
                 evaluated = step
-    except BaseException:
-        data.close_source()  # no wait for the agreement in flight: another rank may have failed
-        raise
     finally:
         profiler.close()  # a trace of the steps before a failure or a stop is still written
-    data.close()
+        # The reader's threads stop now, also after a failure: a pipeline keeps this iterator referenced
+        # long after training, and reader threads still running at interpreter exit can abort it.
+        close_iterator(data.it)
+    data.close()  # not after a failure: another rank may never join the agreement in flight
     window.verify(state.step)
     bar.close()
     if checkpointer is not None:
