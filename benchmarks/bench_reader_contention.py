@@ -67,21 +67,12 @@ def main() -> None:
     reader_ms = dataset.cpu_seconds_per_batch() * 1e3
 
     torch.manual_seed(0)
-    sharded = build_sharded(config, env)
-    module = sharded.module
-    params = [p for _, p in sharded.dense_named_parameters()]
-    adam = config.optimizer.adam
-    optimizer = torch.optim.Adam(
-        params, lr=1e-4, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, fused=True
-    )
+    step = bench_recap.plain_step(config, build_sharded(config, env))
 
     def run(batches) -> float:
         start = time.perf_counter()
         for _, batch in zip(range(args.steps), batches, strict=False):
-            loss, _ = module(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            step(batch)
         return args.steps * batch_size / (time.perf_counter() - start)
 
     def live():

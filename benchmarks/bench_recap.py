@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per config: rows written, rows per row group, global batch, steps, steps per measuring window.
@@ -102,6 +103,27 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def plain_step(config, sharded, bf16: bool = False) -> Callable:
+    """The plain reference's training step on a batch: the sharded model's forward and backward (its tables
+    update in their fused optimizer) and `torch.optim.Adam(fused=True)` on the dense parameters."""
+    import torch
+
+    module, adam = sharded.module, config.optimizer.adam
+    params = [p for _, p in sharded.dense_named_parameters()]
+    optimizer = torch.optim.Adam(
+        params, lr=1e-4, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, fused=True
+    )
+
+    def step(batch) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = module(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def run_in_memory(args) -> dict:
     """One `plain` or `core` run in this process (a rank of torchrun when several)."""
     import torch
@@ -124,19 +146,7 @@ def run_in_memory(args) -> dict:
     sharded = build_sharded(config, env)
     warm, steps = args.window, args.steps
     if args.one[1] == "plain":
-        module, adam = sharded.module, config.optimizer.adam
-        params = [p for _, p in sharded.dense_named_parameters()]
-        optimizer = torch.optim.Adam(
-            params, lr=1e-4, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, fused=True
-        )
-
-        def step(batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = module(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
+        step = plain_step(config, sharded, bf16)
         for i in range(warm):
             step(batches[i % len(batches)])
         start = time.perf_counter()
