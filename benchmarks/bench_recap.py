@@ -77,9 +77,10 @@ def _load(path: str, work: str):
 def write_data(path: str, work: str, rows: int, row_group: int) -> str:
     """The config's schema as Parquet, every drawn row kept (the rates only shape the labels' base rates)."""
     from tml.projects.home.recap.data.synthetic import generate
+    from tml.reader.layout import COMPRESSION
 
     name = os.path.splitext(os.path.basename(path))[0]
-    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}")
+    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}-{COMPRESSION}")
     if os.path.exists(os.path.join(folder, "oracle_auc.json")):
         return folder
     data = _load(path, work).train_data

@@ -1,4 +1,5 @@
-"""`tml-pq`: look inside Parquet data sets (schema, first rows, row count, per-column statistics).
+"""`tml-pq`: look inside Parquet data sets (schema, first rows, row count, per-column statistics), and
+rewrite them in the layout the reader decodes fastest (tml.reader.layout).
 
 PATH is a file, a directory (all `*.parquet` below it), a glob, or an fsspec URL (`s3://bucket/x/*.parquet`),
 resolved exactly as the reader resolves `inputs` (tml.reader.fs.list_inputs: `_*` / `.*` entries skipped).
@@ -9,21 +10,26 @@ Example:
     tml-pq head 'data/train/*.parquet' -n 3 --columns label meta.user_id
     tml-pq count gs://bucket/recap/train
     tml-pq stats data/train/part-00000.parquet
+    tml-pq rewrite 'spark/out/*.parquet' --output data/train
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import posixpath
 import sys
 from collections.abc import Iterator
 
 import fsspec
+import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tml.reader.fs import list_inputs
+from tml.reader.fs import filesystem_for, list_inputs
+from tml.reader.layout import non_nullable, parquet_writer
 
 
 def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str]]:
@@ -41,11 +47,15 @@ def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str
     return pairs
 
 
-def _open(fs: fsspec.AbstractFileSystem, file: str) -> pq.ParquetFile:
+def _parquet(source, file: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(fs.open(file, "rb"))
+        return pq.ParquetFile(source)
     except pa.ArrowInvalid as err:
         raise ValueError(f"{file}: not a readable Parquet file ({err})") from err
+
+
+def _open(fs: fsspec.AbstractFileSystem, file: str) -> pq.ParquetFile:
+    return _parquet(fs.open(file, "rb"), file)
 
 
 def _iter_batches(
@@ -187,6 +197,121 @@ def cmd_stats(paths: list[str], columns: list[str] | None) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def _leaves(dtype: pa.DataType) -> int:
+    """How many Parquet leaf columns a field of `dtype` is stored as."""
+    if pa.types.is_map(dtype):
+        return _leaves(dtype.key_type) + _leaves(dtype.item_type)
+    if _is_list(dtype):
+        return _leaves(dtype.value_type)
+    if pa.types.is_struct(dtype):
+        return sum(_leaves(dtype.field(i).type) for i in range(dtype.num_fields))
+    return 1
+
+
+def _has_nulls(array: pa.Array) -> bool:
+    if array.null_count:
+        return True
+    if pa.types.is_map(array.type):
+        return _has_nulls(array.keys) or _has_nulls(array.items)
+    if _is_list(array.type):
+        return _has_nulls(array.flatten())
+    if pa.types.is_struct(array.type):
+        return any(_has_nulls(array.field(i)) for i in range(array.type.num_fields))
+    return False
+
+
+def _null_free(parquet: pq.ParquetFile) -> set[str]:
+    """Top-level columns without a null at any level. Leaf statistics prove it when every row group counts
+    0 nulls; they also count empty lists, so the other columns are read and checked."""
+    owner = [field.name for field in parquet.schema_arrow for _ in range(_leaves(field.type))]
+    metadata = parquet.metadata
+    unproven = set(parquet.schema_arrow.names)
+    if len(owner) == metadata.num_columns:
+        unproven = set()
+        for group in range(metadata.num_row_groups):
+            row_group = metadata.row_group(group)
+            for index in range(row_group.num_columns):
+                statistics = row_group.column(index).statistics
+                if statistics is None or not statistics.has_null_count or statistics.null_count:
+                    unproven.add(owner[index])
+    free = set(parquet.schema_arrow.names) - unproven
+    columns = [name for name in parquet.schema_arrow.names if name in unproven]
+    for group in range(metadata.num_row_groups if columns else 0):
+        table = parquet.read_row_group(group, columns=columns)
+        columns = [name for name in columns if not any(_has_nulls(c) for c in table.column(name).chunks)]
+    return free | set(columns)
+
+
+def rewrite_schema(parquet: pq.ParquetFile) -> pa.Schema:
+    """The file's schema, non-nullable (nested levels included) for every column without nulls; the
+    others keep their nullability."""
+    schema, free = parquet.schema_arrow, _null_free(parquet)
+    strict = non_nullable(schema)
+    fields = [strict.field(field.name) if field.name in free else field for field in schema]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _same_file(fs: fsspec.AbstractFileSystem, a: str, other_fs: fsspec.AbstractFileSystem, b: str) -> bool:
+    if fs.protocol != other_fs.protocol:
+        return False
+    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    return os.path.realpath(a) == os.path.realpath(b) if local else a == b
+
+
+def _targets(files: list[tuple[fsspec.AbstractFileSystem, str]], output: str, overwrite: bool):
+    out_fs, out_root = filesystem_for(output)
+    targets, by_name = [], {}
+    for fs, file in files:
+        name = posixpath.basename(file)
+        if name in by_name:
+            raise ValueError(f"two inputs are both named {name!r} ({by_name[name]} and {file}): rewrite them "
+                             "into separate --output folders")  # fmt: skip
+        by_name[name] = file
+        target = posixpath.join(out_root, name)
+        if out_fs.exists(target):
+            if _same_file(fs, file, out_fs, target):
+                raise ValueError(f"--output {output!r} holds the input {file} itself: choose another folder")
+            if not overwrite:
+                raise ValueError(f"--output {output!r} already holds {target}: choose another folder or pass "
+                                 "--overwrite")  # fmt: skip
+        targets.append(target)
+    return out_fs, targets
+
+
+def cmd_rewrite(paths: list[str], output: str, overwrite: bool) -> None:
+    """Copy every file to `output` row group by row group, with the same rows, values and row groups."""
+    from tml.ml_logging.progress import progress_bar
+
+    files = resolve_files(paths)
+    rows = 0
+    for fs, file in files:  # every input readable before anything is written
+        with fs.open(file, "rb") as handle:
+            rows += _parquet(handle, file).metadata.num_rows
+    out_fs, targets = _targets(files, output, overwrite)
+    out_fs.makedirs(posixpath.dirname(targets[0]) or ".", exist_ok=True)
+    bar = progress_bar(rows, "rewrite")
+    for (fs, file), target in zip(files, targets, strict=True):
+        try:
+            with fs.open(file, "rb") as handle:
+                parquet = _parquet(handle, file)
+                schema = rewrite_schema(parquet)
+                with out_fs.open(target, "wb") as sink, parquet_writer(sink, schema) as writer:
+                    for group in range(parquet.num_row_groups):
+                        table = parquet.read_row_group(group)
+                        writer.write_table(table.cast(schema), row_group_size=max(table.num_rows, 1))
+                        bar.update(table.num_rows)
+        except BaseException as error:
+            if out_fs.exists(target):
+                out_fs.rm(target)
+            if isinstance(error, (pa.ArrowInvalid, ValueError)):
+                raise ValueError(f"{file}: cannot rewrite: {error}") from error
+            raise
+        strict = sum(not field.nullable for field in schema)
+        shown = posixpath.join(output, posixpath.basename(target))
+        print(f"{shown}: {parquet.metadata.num_rows} rows, {strict} of {len(schema)} columns non-nullable")
+    bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tml-pq",
@@ -211,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--columns", nargs="+", help="only these columns")
+    p = sub.add_parser(
+        "rewrite",
+        help="copy the files to --output in the layout tml decodes fastest: LZ4, no dictionaries of "
+        "floats, columns without nulls non-nullable; same rows, values and row groups",
+    )
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("--output", required=True, help="folder (or fsspec URL) for the files, same names")
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --output")
     return parser
 
 
@@ -224,6 +357,8 @@ def cli(argv: list[str] | None = None) -> int:
             cmd_head(args.paths, args.num_rows, args.columns, args.max_items)
         elif args.command == "count":
             cmd_count(args.paths, args.per_file)
+        elif args.command == "rewrite":
+            cmd_rewrite(args.paths, args.output, args.overwrite)
         else:
             cmd_stats(args.paths, args.columns)
     except (FileNotFoundError, ImportError, ValueError) as err:

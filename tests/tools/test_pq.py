@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tml.reader.layout import non_nullable
 from tml.tools.pq import cli
 
 pytestmark = pytest.mark.unit
@@ -117,3 +118,65 @@ def test_count_agrees_with_what_the_reader_reads(data_dir, capsys):
         dataset = build_dataset(config, [])
         assert _run(capsys, "count", inputs)[1] == f"{dataset.stats['rows']}\n" == "9\n"
         assert sum(batch.batch_size for batch in dataset) == 9
+
+
+def test_rewrite_keeps_rows_values_and_row_groups_and_drops_nullability_only_where_no_nulls(data_dir, capsys):
+    out = data_dir.parent / f"{data_dir.name}-fast"
+    code, printed, err = _run(capsys, "rewrite", str(data_dir), "--output", str(out))
+    assert code == 0, err
+    assert "part-0.parquet: 6 rows, 1 of 4 columns non-nullable" in printed  # vec: x, ids, name have nulls
+    for name in ("part-0.parquet", "part-1.parquet"):
+        before, after = pq.ParquetFile(data_dir / name), pq.ParquetFile(out / name)
+        assert repr(after.read().to_pylist()) == repr(before.read().to_pylist())  # NaN included
+        assert after.metadata.num_row_groups == before.metadata.num_row_groups
+        assert {f.name: f.nullable for f in after.schema_arrow} == {
+            "x": True,
+            "vec": False,
+            "ids": True,
+            "name": True,
+        }
+        assert after.metadata.row_group(0).column(0).compression == "LZ4"
+
+
+def test_rewrite_reads_null_counts_per_leaf_with_dotted_names_maps_and_nested_nulls(tmp_path, capsys):
+    table = pa.table(
+        {
+            "meta.user_id": pa.array([1, 2]),
+            "counts": pa.array([[(3, 0.5)], []], type=pa.map_(pa.int64(), pa.float32())),
+            "tags": pa.array([[1, None], [2]], type=pa.list_(pa.int64())),  # a null element, no null list
+            "meta": pa.array([5, 6]),
+        }
+    )
+    pq.write_table(table, tmp_path / "a.parquet")
+    code, _, err = _run(capsys, "rewrite", str(tmp_path / "a.parquet"), "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    after = pq.ParquetFile(tmp_path / "out" / "a.parquet")
+    assert after.read().to_pylist() == table.to_pylist()
+    nullable = {f.name: f.nullable for f in after.schema_arrow}
+    assert nullable == {"meta.user_id": False, "counts": False, "tags": True, "meta": False}
+    assert not after.schema_arrow.field("counts").type.item_field.nullable
+
+
+def test_rewrite_refuses_to_overwrite_or_to_write_over_its_input(data_dir, capsys):
+    out = data_dir.parent / f"{data_dir.name}-fast"
+    assert _run(capsys, "rewrite", str(data_dir), "--output", str(out))[0] == 0
+    code, _, err = _run(capsys, "rewrite", str(data_dir), "--output", str(out))
+    assert code == 2 and "already holds" in err and "--overwrite" in err
+    assert _run(capsys, "rewrite", str(data_dir), "--output", str(out), "--overwrite")[0] == 0
+    code, _, err = _run(capsys, "rewrite", str(out), "--output", str(out), "--overwrite")
+    assert code == 2 and "holds the input" in err
+    assert pq.read_table(out / "part-0.parquet").num_rows == 6  # untouched
+    code, _, err = _run(
+        capsys, "rewrite", str(data_dir / "part-0.parquet"), str(out), "--output", str(data_dir / "x")
+    )
+    assert code == 2 and "both named 'part-0.parquet'" in err
+
+
+def test_rewrite_removes_a_file_that_fails_midway_and_names_it(data_dir, capsys, monkeypatch):
+    import tml.tools.pq as tool
+
+    monkeypatch.setattr(tool, "rewrite_schema", lambda parquet: non_nullable(parquet.schema_arrow))  # wrong
+    out = data_dir.parent / f"{data_dir.name}-fast"
+    code, _, err = _run(capsys, "rewrite", str(data_dir / "part-0.parquet"), "--output", str(out))
+    assert code == 2 and "part-0.parquet: cannot rewrite" in err and "null" in err
+    assert not (out / "part-0.parquet").exists()

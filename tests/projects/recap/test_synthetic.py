@@ -14,6 +14,7 @@ import torch
 
 from tml.projects.home.recap.data.synthetic import Affinity, generate
 from tml.reader.config import DataConfig
+from tml.reader.layout import non_nullable
 
 pytestmark = pytest.mark.unit
 
@@ -80,7 +81,20 @@ def test_schema_matches_config(sample):
         OTHER: pa.int64(),
         "weight": pa.float32(),
     }
+    # Written in tml.reader.layout's layout: every column non-nullable, LZ4, no dictionaries of floats.
+    expected = {
+        name: field.type for name, field in zip(expected, non_nullable(pa.schema(expected)), strict=True)
+    }
     assert {name: schema.field(name).type for name in schema.names} == expected
+    assert not any(field.nullable for field in schema)
+    columns = pq.ParquetFile(files[0]).metadata.row_group(0)
+    encodings = {}
+    for index in range(columns.num_columns):
+        column = columns.column(index)
+        assert column.compression == "LZ4", column.path_in_schema
+        encodings[column.path_in_schema.split(".list.")[0]] = column.encodings
+    assert "RLE_DICTIONARY" not in encodings["continuous"] and "RLE_DICTIONARY" not in encodings["score_a"]
+    assert "RLE_DICTIONARY" in encodings["discrete"]
     table = _read(out)
     assert table.num_rows == 60_000
     assert pq.ParquetFile(files[0]).metadata.num_row_groups == 3  # 20000 rows in 8192-row groups

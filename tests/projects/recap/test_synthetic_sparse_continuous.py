@@ -41,8 +41,8 @@ def test_map_and_list_columns_in_the_config_schema_with_signal(tmp_path):
     oracle = generate(config, 4000, str(tmp_path), seed=1, num_files=2, progress=False)
     table = pq.read_table(tmp_path / "part-00000.parquet")
     assert pa.types.is_map(table.schema.field("counts_map").type)
-    assert table.schema.field("score_ids").type == pa.list_(pa.int64())
-    assert table.schema.field("score_values").type == pa.list_(pa.float32())
+    assert table.schema.field("score_ids").type == pa.list_(pa.field("element", pa.int64(), nullable=False))
+    assert table.schema.field("score_values").type == pa.list_(pa.field("element", pa.float32(), False))
     ids = table["score_ids"].to_pylist()
     assert all(len(row) == len(set(row)) for row in ids)  # distinct ids within a row
     assert all(0 <= i < 32 for row in ids for i in row)

@@ -12,6 +12,7 @@ Columns written (N = rows; see docs/data.md):
 - each `id_columns` column: int64 ids (one column when it is also a sparse column);
 - one int64 0/1 label column per `tasks` key, drawn from the label function in labels.py;
 - `weight_column` (float32 ones) when set.
+Every column is non-nullable and the files have tml.reader.layout's layout (LZ4, no float dictionaries).
 With an `Affinity` (Python only), a user id column and an author id column take their ids from the rows of
 given latent factors, and the labels depend on the pair's affinity (the factors' dot product): e.g. the
 factors of a synthetic TwHIN graph (projects/twhin/data/synthetic.py), so that vectors learned from that
@@ -48,6 +49,7 @@ from tml.projects.home.recap.data.features import (
 )
 from tml.projects.home.recap.data.labels import SHARED_LATENT, AucHistogram, LabelModel, base_rate
 from tml.reader.config import DataConfig, DataSource
+from tml.reader.layout import non_nullable, parquet_writer
 from tml.reader.schema import resolve_dense_specs
 
 DEFAULT_VOCAB = 100_000
@@ -421,8 +423,9 @@ def generate(
                 for part, size in enumerate(_split(chunk_rows, step))
             )
             if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                schema = non_nullable(table.schema)  # the generator writes no nulls
+                writer = parquet_writer(path, schema)
+            writer.write_table(table.cast(schema), row_group_size=max(table.num_rows, 1))
             if bar is not None:
                 bar.update(chunk_rows)
         writer.close()

@@ -1,0 +1,66 @@
+"""How tml writes Parquet it will train from: the same values, laid out to decode fast.
+
+Decoding is most of the reader's CPU, and on a small CPU box the reader shares the cores with training
+(benchmarks/RESULTS.md, "Parquet layout"). Three writer choices make it cheaper without changing a value:
+- LZ4 instead of pyarrow's default Snappy: it decompresses faster, at about the same size;
+- dictionary encoding only for columns that are not floating point: float features rarely repeat, so
+  their dictionaries overflow and the writer falls back to plain pages after paying for both;
+- `non_nullable(schema)` for data that has no nulls (the synthetic generator's): a non-nullable column,
+  or list element, has no definition levels to decode.
+Files written so are ordinary Parquet; any reader reads them.
+
+Example:
+    schema = non_nullable(table.schema)
+    with parquet_writer("part-00000.parquet", schema) as writer:
+        writer.write_table(table.cast(schema))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+COMPRESSION = "lz4"
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet column paths (`name`, `name.list.element`, ...) of every leaf that does not hold floats.
+
+    The paths are pyarrow's own: read back from an empty file of `schema`.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    leaves = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return [
+        leaves.column(i).path
+        for i in range(len(leaves))
+        if leaves.column(i).physical_type not in ("FLOAT", "DOUBLE")
+    ]
+
+
+def _non_nullable_type(dtype: pa.DataType) -> pa.DataType:
+    if pa.types.is_map(dtype):
+        item = dtype.item_field
+        return pa.map_(dtype.key_field, item.with_type(_non_nullable_type(item.type)).with_nullable(False))
+    if pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        value = dtype.value_field
+        value = value.with_type(_non_nullable_type(value.type)).with_nullable(False)
+        if pa.types.is_fixed_size_list(dtype):
+            return pa.list_(value, dtype.list_size)
+        return pa.large_list(value) if pa.types.is_large_list(dtype) else pa.list_(value)
+    return dtype
+
+
+def non_nullable(schema: pa.Schema) -> pa.Schema:
+    """`schema` with every field, list element and map value non-nullable (casting data with nulls fails)."""
+    return pa.schema(
+        [field.with_type(_non_nullable_type(field.type)).with_nullable(False) for field in schema],
+        metadata=schema.metadata,
+    )
+
+
+def parquet_writer(where: Any, schema: pa.Schema) -> pq.ParquetWriter:
+    """A ParquetWriter of `schema` to a path or binary file object, with the layout described above."""
+    return pq.ParquetWriter(where, schema, compression=COMPRESSION, use_dictionary=dictionary_columns(schema))
