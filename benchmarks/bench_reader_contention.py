@@ -4,12 +4,16 @@ The same plain step (the model's forward and backward, `torch.optim.Adam(fused=T
 the sharded tables' fused optimizer) is fed, in rotation and `--repeat` times each:
 - `cycled`: 8 batches decoded before timing, cycled (the plain reference of bench_recap.py);
 - `fresh`: as many distinct batches as a run takes, decoded before timing (is it the data's novelty?);
-- `reader`: the live reader (tml.reader's background threads) over the same Parquet files.
+- `reader`: the live reader (tml.reader's background threads) over the same Parquet files;
+- `process`: the same reader in a forked process that copies each batch into one of 8 shared-memory slots;
+  this process clones the slot and builds the batch (a prototype of decoding outside the training process:
+  no GIL or allocator shared with the step; `--sources` to include it).
 It also prints the reader's CPU per batch while it decodes the `fresh` batches (first calls included).
 `reader / cycled` below 1 is what the reader's threads take from the training step, beyond the data itself.
 Data: bench_recap.py's files (written when missing).
 
     python benchmarks/bench_reader_contention.py [--config local] [--steps 280] [--repeat 3] [--threads 2]
+        [--sources cycled fresh reader process]
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "tml-bench-recap"))
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=["cycled", "fresh", "reader"],
+        choices=["cycled", "fresh", "reader", "process"],
+    )
     args = parser.parse_args()
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
@@ -80,12 +90,19 @@ def main() -> None:
         yield from iterator
         iterator.close()
 
-    sources = {"cycled": lambda: itertools.cycle(fresh[:8]), "fresh": lambda: iter(fresh), "reader": live}
+    sources = {
+        "cycled": lambda: itertools.cycle(fresh[:8]),
+        "fresh": lambda: iter(fresh),
+        "reader": live,
+        "process": lambda: in_process(dataset, fresh[0]),
+    }
+    sources = {name: sources[name] for name in dict.fromkeys(["cycled", *args.sources])}
     run(itertools.cycle(fresh[:8]))  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in sources}
     for repeat in range(args.repeat):
         names = list(sources)
-        for name in names[repeat % 3 :] + names[: repeat % 3]:  # rotated order
+        turn = repeat % len(names)
+        for name in names[turn:] + names[:turn]:  # rotated order
             rates[name].append(run(sources[name]()))
     print(f"{args.config}.yaml, batch {batch_size}, {args.threads} torch thread(s), {args.steps} steps x "
           f"{args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
@@ -93,6 +110,62 @@ def main() -> None:
         ratios = [value / base for value, base in zip(values, rates["cycled"], strict=True)]
         print(f"{name:7s} {statistics.median(values):9,.0f} ex/s ({min(values):,.0f}-{max(values):,.0f})  "
               f"/ cycled {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+
+
+def _parts(batch) -> list:
+    return [*batch.dense.values(), batch.labels, batch.weights, *batch.ids.values(), batch.sparse.values(),
+            batch.sparse.lengths()]  # fmt: skip
+
+
+def _decode_into(dataset, slots, free, full) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    for batch in dataset:
+        index = free.get()
+        parts = _parts(batch)
+        if any(part.shape != slot.shape for part, slot in zip(parts, slots[index], strict=True)):
+            free.put(index)  # an epoch's short last batch: not in a slot's shapes, skipped
+            continue
+        for slot, part in zip(slots[index], parts, strict=True):
+            slot.copy_(part)
+        full.put(index)
+    full.put(None)
+
+
+def in_process(dataset, example, num_slots: int = 8):
+    """Batches decoded by `dataset` in a forked process, through shared-memory slots shaped like `example`."""
+    import multiprocessing
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from tml.reader.batch import RecapBatch
+
+    if example.sparse is None or example.sparse_continuous:
+        raise SystemExit("--sources process: the prototype moves dense, labels, weights, ids and one KJT only")
+    dense, ids = list(example.dense), list(example.ids)
+    slots = [[part.clone().share_memory_() for part in _parts(example)] for _ in range(num_slots)]
+    context = multiprocessing.get_context("fork")
+    free, full = context.Queue(), context.Queue()
+    for index in range(num_slots):
+        free.put(index)
+    worker = context.Process(target=_decode_into, args=(dataset, slots, free, full), daemon=True)
+    worker.start()
+    try:
+        while (index := full.get()) is not None:
+            parts = [part.clone() for part in slots[index]]
+            free.put(index)
+            yield RecapBatch(
+                dense=dict(zip(dense, parts[: len(dense)], strict=True)),
+                labels=parts[len(dense)],
+                weights=parts[len(dense) + 1],
+                ids=dict(zip(ids, parts[len(dense) + 2 : -2], strict=True)),
+                sparse=KeyedJaggedTensor.from_lengths_sync(example.sparse.keys(), parts[-2], parts[-1]),
+                sparse_continuous={},
+            )
+    finally:
+        worker.kill()
+        worker.join()
 
 
 if __name__ == "__main__":
