@@ -142,7 +142,9 @@ def in_process(dataset, example, num_slots: int = 8):
     from tml.reader.batch import RecapBatch
 
     if example.sparse is None or example.sparse_continuous:
-        raise SystemExit("--sources process: the prototype moves dense, labels, weights, ids and one KJT only")
+        raise SystemExit(
+            "--sources process: the prototype moves dense, labels, weights, ids and one KJT only"
+        )
     dense, ids = list(example.dense), list(example.ids)
     slots = [[part.clone().share_memory_() for part in _parts(example)] for _ in range(num_slots)]
     context = multiprocessing.get_context("fork")
