@@ -31,8 +31,9 @@ import bench_recap  # the data and config helpers of the end-to-end benchmark
 
 def default_copy(folder: str) -> str:
     """`folder`'s files rewritten by pq.write_table with its defaults and the same row groups."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from tml.reader.layout import with_nullable
 
     target = folder + "-default"
     if os.path.isdir(target):
@@ -40,25 +41,13 @@ def default_copy(folder: str) -> str:
     os.makedirs(target + ".tmp", exist_ok=True)
     for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))):
         parquet = pq.ParquetFile(path)
-        nullable = pa.schema([pa.field(f.name, _nullable(f.type)) for f in parquet.schema_arrow])
+        nullable = with_nullable(parquet.schema_arrow, True)
         with pq.ParquetWriter(os.path.join(target + ".tmp", os.path.basename(path)), nullable) as writer:
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group)
                 writer.write_table(table.cast(nullable), row_group_size=table.num_rows)
     os.rename(target + ".tmp", target)
     return target
-
-
-def _nullable(dtype):
-    import pyarrow as pa
-
-    if pa.types.is_fixed_size_list(dtype):
-        return pa.list_(_nullable(dtype.value_type), dtype.list_size)
-    if pa.types.is_list(dtype):
-        return pa.list_(_nullable(dtype.value_type))
-    if pa.types.is_map(dtype):
-        return pa.map_(dtype.key_type, _nullable(dtype.item_type))
-    return dtype
 
 
 def pyarrow_ms(folder: str, columns: list[str], batch_size: int) -> float:

@@ -62,7 +62,7 @@ def main() -> None:
     from tml.reader.dataset import build_dataset
 
     rows, row_group, batch_size = SIZES[args.config]
-    path = os.path.join(bench_recap.ROOT, f"projects/home/recap/config/{args.config}.yaml")
+    path = bench_recap.config_path(args.config)
     folder = bench_recap.write_data(path, args.work, rows, row_group)
     config = bench_recap._load(path, args.work)
     env = init_distributed("gloo", "cpu")

@@ -5,12 +5,12 @@ Decoding is most of the reader's CPU, and on a small CPU box the reader shares t
 - LZ4 instead of pyarrow's default Snappy: it decompresses faster, at about the same size;
 - dictionary encoding only for columns that are not floating point: float features rarely repeat, so
   their dictionaries overflow and the writer falls back to plain pages after paying for both;
-- `non_nullable(schema)` for data that has no nulls (the synthetic generator's): a non-nullable column,
+- `with_nullable(schema, False)` for data that has no nulls (the synthetic generator's): a non-nullable column,
   or list element, has no definition levels to decode.
 Files written so are ordinary Parquet; any reader reads them.
 
 Example:
-    schema = non_nullable(table.schema)
+    schema = with_nullable(table.schema, False)
     with parquet_writer("part-00000.parquet", schema) as writer:
         writer.write_table(table.cast(schema))
 """
@@ -40,23 +40,26 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     ]
 
 
-def _non_nullable_type(dtype: pa.DataType) -> pa.DataType:
+def _with_nullable(dtype: pa.DataType, nullable: bool) -> pa.DataType:
     if pa.types.is_map(dtype):
         item = dtype.item_field
-        return pa.map_(dtype.key_field, item.with_type(_non_nullable_type(item.type)).with_nullable(False))
+        return pa.map_(
+            dtype.key_field, item.with_type(_with_nullable(item.type, nullable)).with_nullable(nullable)
+        )
     if pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
         value = dtype.value_field
-        value = value.with_type(_non_nullable_type(value.type)).with_nullable(False)
+        value = value.with_type(_with_nullable(value.type, nullable)).with_nullable(nullable)
         if pa.types.is_fixed_size_list(dtype):
             return pa.list_(value, dtype.list_size)
         return pa.large_list(value) if pa.types.is_large_list(dtype) else pa.list_(value)
     return dtype
 
 
-def non_nullable(schema: pa.Schema) -> pa.Schema:
-    """`schema` with every field, list element and map value non-nullable (casting data with nulls fails)."""
+def with_nullable(schema: pa.Schema, nullable: bool) -> pa.Schema:
+    """`schema` with every field, list element and map value (non-)nullable: map keys stay non-nullable, and
+    casting data with nulls to a non-nullable schema fails."""
     return pa.schema(
-        [field.with_type(_non_nullable_type(field.type)).with_nullable(False) for field in schema],
+        [field.with_type(_with_nullable(field.type, nullable)).with_nullable(nullable) for field in schema],
         metadata=schema.metadata,
     )
 

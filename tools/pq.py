@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tml.reader.fs import filesystem_for, list_inputs
-from tml.reader.layout import non_nullable, parquet_writer
+from tml.reader.layout import parquet_writer, with_nullable
 
 
 def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str]]:
@@ -246,7 +246,7 @@ def rewrite_schema(parquet: pq.ParquetFile) -> pa.Schema:
     """The file's schema, non-nullable (nested levels included) for every column without nulls; the
     others keep their nullability."""
     schema, free = parquet.schema_arrow, _null_free(parquet)
-    strict = non_nullable(schema)
+    strict = with_nullable(schema, False)
     fields = [strict.field(field.name) if field.name in free else field for field in schema]
     return pa.schema(fields, metadata=schema.metadata)
 

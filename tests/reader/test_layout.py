@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tml.reader.layout import dictionary_columns, non_nullable, parquet_writer
+from tml.reader.layout import dictionary_columns, parquet_writer, with_nullable
 
 
 def _table() -> pa.Table:
@@ -33,7 +33,7 @@ def test_dictionary_columns_are_pyarrows_paths_of_the_leaves_that_are_not_floats
 
 def test_written_files_hold_the_same_values_non_nullable_lz4_and_float_leaves_without_dictionaries(tmp_path):
     table = _table()
-    schema = non_nullable(table.schema)
+    schema = with_nullable(table.schema, False)
     path = tmp_path / "a.parquet"
     with parquet_writer(str(path), schema) as writer:
         writer.write_table(table.cast(schema))
@@ -54,9 +54,19 @@ def test_written_files_hold_the_same_values_non_nullable_lz4_and_float_leaves_wi
 )
 def test_nulls_never_reach_a_non_nullable_file(tmp_path, column):
     table = pa.table({"label": column})
-    schema = non_nullable(table.schema)
+    schema = with_nullable(table.schema, False)
     with (
         pytest.raises(ValueError, match="null"),
         parquet_writer(str(tmp_path / "a.parquet"), schema) as writer,
     ):
         writer.write_table(table.cast(schema))  # a top-level null fails the cast, a nested one the write
+
+
+def test_with_nullable_true_undoes_false_at_every_level():
+    schema = _table().schema
+    strict = with_nullable(schema, False)
+    assert with_nullable(strict, True) == schema
+    assert (
+        not strict.field("counts").type.item_field.nullable
+        and strict.field("counts").type.key_field.nullable is False
+    )

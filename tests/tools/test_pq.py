@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tml.reader.layout import non_nullable
+from tml.reader.layout import with_nullable
 from tml.tools.pq import cli
 
 pytestmark = pytest.mark.unit
@@ -175,7 +175,9 @@ def test_rewrite_refuses_to_overwrite_or_to_write_over_its_input(data_dir, capsy
 def test_rewrite_removes_a_file_that_fails_midway_and_names_it(data_dir, capsys, monkeypatch):
     import tml.tools.pq as tool
 
-    monkeypatch.setattr(tool, "rewrite_schema", lambda parquet: non_nullable(parquet.schema_arrow))  # wrong
+    monkeypatch.setattr(
+        tool, "rewrite_schema", lambda parquet: with_nullable(parquet.schema_arrow, False)
+    )  # wrong
     out = data_dir.parent / f"{data_dir.name}-fast"
     code, _, err = _run(capsys, "rewrite", str(data_dir / "part-0.parquet"), "--output", str(out))
     assert code == 2 and "part-0.parquet: cannot rewrite" in err and "null" in err

@@ -14,7 +14,7 @@ import torch
 
 from tml.projects.home.recap.data.synthetic import Affinity, generate
 from tml.reader.config import DataConfig
-from tml.reader.layout import non_nullable
+from tml.reader.layout import with_nullable
 
 pytestmark = pytest.mark.unit
 
@@ -83,7 +83,8 @@ def test_schema_matches_config(sample):
     }
     # Written in tml.reader.layout's layout: every column non-nullable, LZ4, no dictionaries of floats.
     expected = {
-        name: field.type for name, field in zip(expected, non_nullable(pa.schema(expected)), strict=True)
+        name: field.type
+        for name, field in zip(expected, with_nullable(pa.schema(expected), False), strict=True)
     }
     assert {name: schema.field(name).type for name in schema.names} == expected
     assert not any(field.nullable for field in schema)

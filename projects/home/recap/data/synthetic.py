@@ -49,7 +49,7 @@ from tml.projects.home.recap.data.features import (
 )
 from tml.projects.home.recap.data.labels import SHARED_LATENT, AucHistogram, LabelModel, base_rate
 from tml.reader.config import DataConfig, DataSource
-from tml.reader.layout import non_nullable, parquet_writer
+from tml.reader.layout import parquet_writer, with_nullable
 from tml.reader.schema import resolve_dense_specs
 
 DEFAULT_VOCAB = 100_000
@@ -423,7 +423,7 @@ def generate(
                 for part, size in enumerate(_split(chunk_rows, step))
             )
             if writer is None:
-                schema = non_nullable(table.schema)  # the generator writes no nulls
+                schema = with_nullable(table.schema, False)  # the generator writes no nulls
                 writer = parquet_writer(path, schema)
             writer.write_table(table.cast(schema), row_group_size=max(table.num_rows, 1))
             if bar is not None:
