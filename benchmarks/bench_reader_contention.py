@@ -1,10 +1,14 @@
-"""What feeding from the reader costs a CPU training step: one model, one process, three sources, alternated.
+"""What feeding from the reader costs a CPU training step: one model, one process, several sources, alternated.
 
 The same plain step (the model's forward and backward, `torch.optim.Adam(fused=True)` on the dense part,
-the sharded tables' fused optimizer) is fed, in rotation and `--repeat` times each:
+the sharded tables' fused optimizer), or with `--loop tml` tml's training loop (tml.core.train_loop, its
+pipeline and the config's optimizers, no logging), is fed, in rotation and `--repeat` times each:
 - `cycled`: 8 batches decoded before timing, cycled (the plain reference of bench_recap.py);
 - `fresh`: as many distinct batches as a run takes, decoded before timing (is it the data's novelty?);
 - `reader`: the live reader (tml.reader's background threads) over the same Parquet files;
+- `idle`: the same with its threads scheduled as Linux's SCHED_IDLE (a prototype, not in tml.reader: they then
+  run only on cores nothing else wants, so torch's OpenMP threads take theirs back at once; `--sources` to
+  include it);
 - `process`: the same reader in a forked process that copies each batch into one of 8 shared-memory slots;
   this process clones the slot and builds the batch (a prototype of decoding outside the training process:
   no GIL or allocator shared with the step; `--sources` to include it).
@@ -13,12 +17,13 @@ It also prints the reader's CPU per batch while it decodes the `fresh` batches (
 Data: bench_recap.py's files (written when missing).
 
     python benchmarks/bench_reader_contention.py [--config local] [--steps 280] [--repeat 3] [--threads 2]
-        [--sources cycled fresh reader process]
+        [--loop plain] [--sources cycled fresh reader idle process]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import socket
@@ -40,12 +45,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=280)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
+    parser.add_argument(
+        "--loop", choices=["plain", "tml"], default="plain", help="what trains on the batches"
+    )
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "tml-bench-recap"))
     parser.add_argument(
         "--sources",
         nargs="+",
         default=["cycled", "fresh", "reader"],
-        choices=["cycled", "fresh", "reader", "process"],
+        choices=["cycled", "fresh", "reader", "idle", "process"],
     )
     args = parser.parse_args()
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -77,23 +85,24 @@ def main() -> None:
     reader_ms = dataset.cpu_seconds_per_batch() * 1e3
 
     torch.manual_seed(0)
-    step = bench_recap.plain_step(config, build_sharded(config, env))
+    train_on = (plain_loop if args.loop == "plain" else tml_loop)(config, build_sharded(config, env), env)
 
     def run(batches) -> float:
         start = time.perf_counter()
-        for _, batch in zip(range(args.steps), batches, strict=False):
-            step(batch)
+        train_on(batches, args.steps)
         return args.steps * batch_size / (time.perf_counter() - start)
 
-    def live():
-        iterator = iter(dataset)
-        yield from iterator
+    def live(idle: bool = False):
+        with sched_idle_reader(idle):  # for the whole run: the threads start while it runs
+            iterator = iter(dataset)
+            yield from iterator
         iterator.close()
 
     sources = {
         "cycled": lambda: itertools.cycle(fresh[:8]),
         "fresh": lambda: iter(fresh),
         "reader": live,
+        "idle": lambda: live(idle=True),
         "process": lambda: in_process(dataset, fresh[0]),
     }
     sources = {name: sources[name] for name in dict.fromkeys(["cycled", *args.sources])}
@@ -104,12 +113,63 @@ def main() -> None:
         turn = repeat % len(names)
         for name in names[turn:] + names[:turn]:  # rotated order
             rates[name].append(run(sources[name]()))
-    print(f"{args.config}.yaml, batch {batch_size}, {args.threads} torch thread(s), {args.steps} steps x "
+    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s), {args.steps} steps x "
           f"{args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
     for name, values in rates.items():
         ratios = [value / base for value, base in zip(values, rates["cycled"], strict=True)]
         print(f"{name:7s} {statistics.median(values):9,.0f} ex/s ({min(values):,.0f}-{max(values):,.0f})  "
               f"/ cycled {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+
+
+def plain_loop(config, sharded, env):
+    """train(batches, steps): bench_recap's plain step on each batch."""
+    step = bench_recap.plain_step(config, sharded)
+
+    def train(batches, steps: int) -> None:
+        for _, batch in zip(range(steps), batches, strict=False):
+            step(batch)
+
+    return train
+
+
+def tml_loop(config, sharded, env):
+    """train(batches, steps): tml's training loop, continuing its step count from call to call."""
+    from tml.core.state import LoopState
+    from tml.core.train_loop import LoopOptions, train
+    from tml.projects.home.recap.build import build_recap_optimizer
+    from tml.reader.batch import RecapBatch
+
+    optimizer, scheduler = build_recap_optimizer(config, sharded)
+    optimizers = [optimizer, *sharded.table_optimizers.values()]
+    state = LoopState()
+
+    def run(batches, steps: int) -> None:
+        options = LoopOptions(
+            num_train_steps=state.step + steps, train_log_every_n=10**9, batch_type=RecapBatch
+        )
+        train(sharded.module, optimizers, scheduler, batches, env, options, state=state)
+
+    return run
+
+
+@contextlib.contextmanager
+def sched_idle_reader(idle: bool):
+    """While open, reader threads that start run under SCHED_IDLE (each thread's own policy, set where it
+    sets its torch thread count; unprivileged, it cannot be undone: the threads end with their iterator)."""
+    from tml.reader import pipeline
+
+    original = pipeline.use_one_torch_thread
+
+    def start() -> bool:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return original()
+
+    if idle:
+        pipeline.use_one_torch_thread = start
+    try:
+        yield
+    finally:
+        pipeline.use_one_torch_thread = original
 
 
 def _parts(batch) -> list:
