@@ -84,7 +84,7 @@ def measure(name: str, args) -> None:
     path = bench_recap.config_path(name)
     tml_folder = bench_recap.write_data(path, args.work, rows, row_group)
     folders = {"tml": tml_folder, "default": default_copy(tml_folder)}
-    config = bench_recap._load(path, args.work)
+    config = bench_recap.bench_config(path, args.work)
     labels = task_names(config)
     data = {
         layout: config.train_data.model_copy(

@@ -72,7 +72,7 @@ def main() -> None:
     rows, row_group, batch_size = SIZES[args.config]
     path = bench_recap.config_path(args.config)
     folder = bench_recap.write_data(path, args.work, rows, row_group)
-    config = bench_recap._load(path, args.work)
+    config = bench_recap.bench_config(path, args.work)
     env = init_distributed("gloo", "cpu")
     torch.set_num_threads(args.threads)
     data = config.train_data.model_copy(

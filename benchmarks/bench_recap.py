@@ -67,7 +67,8 @@ def _env(work: str) -> dict[str, str]:
     return {"TML_DATA": os.path.join(work, "data"), "TML_RUNS": os.path.join(work, "runs")}
 
 
-def _load(path: str, work: str):
+def bench_config(path: str, work: str):
+    """The RecapConfig at `path` as the benchmarks run it: no evaluation, data and runs under `work`."""
     from tml.core.config.loader import load_config
     from tml.projects.home.recap.config import RecapConfig
 
@@ -83,7 +84,7 @@ def write_data(path: str, work: str, rows: int, row_group: int) -> str:
     folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}-{COMPRESSION}")
     if os.path.exists(os.path.join(folder, "oracle_auc.json")):
         return folder
-    data = _load(path, work).train_data
+    data = bench_config(path, work).train_data
     tasks = {t: r.model_copy(update={"neg_downsampling_rate": 1.0}) for t, r in data.tasks.items()}
     generate(
         data.model_copy(update={"tasks": tasks}),
@@ -134,7 +135,7 @@ def run_in_memory(args) -> dict:
     from tml.projects.home.recap.build import build_recap_optimizer, build_sharded, task_names
     from tml.reader.dataset import build_dataset
 
-    config = _load(args.one[0], args.work)
+    config = bench_config(args.one[0], args.work)
     env = init_distributed("gloo", "cpu")
     data = config.train_data.model_copy(
         update={"inputs": os.path.join(args.one[2], "*.parquet"), "global_batch_size": args.batch_size}

@@ -18,11 +18,7 @@ import torch
 
 from tml.reader.decoder import DataError
 
-__all__ = ["DataError", "is_list", "numeric", "single", "to_tensor", "writable"]
-
-
-def is_list(dtype: pa.DataType) -> bool:
-    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+__all__ = ["DataError", "numeric", "single", "to_tensor", "writable"]
 
 
 def numeric(dtype: pa.DataType, target: str) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tml.reader.arrow_types import is_list
+
 COMPRESSION = "lz4"
 
 
@@ -46,7 +48,7 @@ def _with_nullable(dtype: pa.DataType, nullable: bool) -> pa.DataType:
         return pa.map_(
             dtype.key_field, item.with_type(_with_nullable(item.type, nullable)).with_nullable(nullable)
         )
-    if pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+    if is_list(dtype):
         value = dtype.value_field
         value = value.with_type(_with_nullable(value.type, nullable)).with_nullable(nullable)
         if pa.types.is_fixed_size_list(dtype):

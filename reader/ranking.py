@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from tml.reader.arrow_to_torch import is_list, numeric, single, to_tensor
+from tml.reader.arrow_to_torch import numeric, single, to_tensor
+from tml.reader.arrow_types import is_list
 from tml.reader.batch import RecapBatch, SparseValues
 from tml.reader.chunk import TensorChunk
 from tml.reader.config import DataSource

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from tml.reader.arrow_types import is_list
 from tml.reader.decoder import DataError
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -46,7 +47,7 @@ def _id_type_ok(dtype: pa.DataType) -> bool:
 
 
 def sparse_type_ok(dtype: pa.DataType) -> bool:
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+    if is_list(dtype):
         return _id_type_ok(dtype.value_type)
     return _id_type_ok(dtype)
 
@@ -122,10 +123,6 @@ class SparseContinuousSpec:
         return (self.column,) if self.column is not None else (self.ids_column, self.values_column)
 
 
-def _list_type(dtype: pa.DataType) -> bool:
-    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
-
-
 def _value_type_ok(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
 
@@ -145,7 +142,7 @@ def sparse_continuous_type_problem(spec: SparseContinuousSpec, types: dict[str, 
 
     # list<null>: lists that are all empty (e.g. a JSON request whose rows hold none), decoded as such.
     def ok(dtype: pa.DataType, check) -> bool:
-        return _list_type(dtype) and (check(dtype.value_type) or pa.types.is_null(dtype.value_type))
+        return is_list(dtype) and (check(dtype.value_type) or pa.types.is_null(dtype.value_type))
 
     if not ok(ids, _id_type_ok):
         return f"ids column {spec.ids_column!r} is {ids}, expected a list of int or string"

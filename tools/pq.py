@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tml.reader.arrow_types import is_list
 from tml.reader.fs import filesystem_for, list_inputs
 from tml.reader.layout import parquet_writer, with_nullable
 
@@ -146,17 +147,13 @@ class _Moments:
 def _type_name(dtype: pa.DataType) -> str:
     if pa.types.is_fixed_size_list(dtype):
         return f"list<{_type_name(dtype.value_type)}>[{dtype.list_size}]"
-    if _is_list(dtype):
+    if is_list(dtype):
         return f"list<{_type_name(dtype.value_type)}>"
     return str(dtype)
 
 
 def _is_numeric(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
-
-
-def _is_list(dtype: pa.DataType) -> bool:
-    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
 
 
 def cmd_stats(paths: list[str], columns: list[str] | None) -> None:
@@ -170,7 +167,7 @@ def cmd_stats(paths: list[str], columns: list[str] | None) -> None:
         for name, column in zip(batch.schema.names, batch.columns, strict=True):
             types.setdefault(name, column.type)
             nulls[name] = nulls.get(name, 0) + column.null_count
-            if _is_list(column.type):
+            if is_list(column.type):
                 lengths.setdefault(name, _Moments()).add(pc.list_value_length(column))
                 column = pc.list_flatten(column)
             if _is_numeric(column.type):
@@ -201,7 +198,7 @@ def _leaves(dtype: pa.DataType) -> int:
     """How many Parquet leaf columns a field of `dtype` is stored as."""
     if pa.types.is_map(dtype):
         return _leaves(dtype.key_type) + _leaves(dtype.item_type)
-    if _is_list(dtype):
+    if is_list(dtype):
         return _leaves(dtype.value_type)
     if pa.types.is_struct(dtype):
         return sum(_leaves(dtype.field(i).type) for i in range(dtype.num_fields))
@@ -213,7 +210,7 @@ def _has_nulls(array: pa.Array) -> bool:
         return True
     if pa.types.is_map(array.type):
         return _has_nulls(array.keys) or _has_nulls(array.items)
-    if _is_list(array.type):
+    if is_list(array.type):
         return _has_nulls(array.flatten())
     if pa.types.is_struct(array.type):
         return any(_has_nulls(array.field(i)) for i in range(array.type.num_fields))
