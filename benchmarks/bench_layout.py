@@ -25,8 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_reader_contention  # its sizes (rows, row group, batch) per config
-import bench_recap  # the data and config helpers of the end-to-end benchmark
+import bench_recap  # the data, sizes and config helpers of the end-to-end benchmark
 
 
 def default_copy(folder: str) -> str:
@@ -80,7 +79,8 @@ def measure(name: str, args) -> None:
     from tml.projects.home.recap.build import task_names
     from tml.reader.ranking import ranking_decoder
 
-    rows, row_group, batch_size = bench_reader_contention.SIZES[name]
+    size = bench_recap.SIZES[name]
+    rows, row_group, batch_size = size["rows"], size["row_group"], size["batch"]
     path = bench_recap.config_path(name)
     tml_folder = bench_recap.write_data(path, args.work, rows, row_group)
     folders = {"tml": tml_folder, "default": default_copy(tml_folder)}

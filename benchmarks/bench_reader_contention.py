@@ -36,12 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_recap  # the data and config helpers of the end-to-end benchmark
 
-SIZES = {"local": (300_000, 16384, 1024), "prod": (12_288, 2048, 256)}  # rows, row group, batch
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(SIZES), default="local")
+    parser.add_argument("--config", choices=sorted(bench_recap.SIZES), default="local")
     parser.add_argument("--steps", type=int, default=280)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
@@ -69,7 +67,8 @@ def main() -> None:
     from tml.projects.home.recap.build import build_sharded, task_names
     from tml.reader.dataset import build_dataset
 
-    rows, row_group, batch_size = SIZES[args.config]
+    size = bench_recap.SIZES[args.config]
+    rows, row_group, batch_size = size["rows"], size["row_group"], size["batch"]
     path = bench_recap.config_path(args.config)
     folder = bench_recap.write_data(path, args.work, rows, row_group)
     config = bench_recap.bench_config(path, args.work)
@@ -85,7 +84,8 @@ def main() -> None:
     reader_ms = dataset.cpu_seconds_per_batch() * 1e3
 
     torch.manual_seed(0)
-    train_on = (plain_loop if args.loop == "plain" else tml_loop)(config, build_sharded(config, env), env)
+    trainer = plain_loop if args.loop == "plain" else bench_recap.core_trainer
+    train_on = trainer(config, build_sharded(config, env), env)
 
     def run(batches) -> float:
         start = time.perf_counter()
@@ -130,26 +130,6 @@ def plain_loop(config, sharded, env):
             step(batch)
 
     return train
-
-
-def tml_loop(config, sharded, env):
-    """train(batches, steps): tml's training loop, continuing its step count from call to call."""
-    from tml.core.state import LoopState
-    from tml.core.train_loop import LoopOptions, train
-    from tml.projects.home.recap.build import build_recap_optimizer
-    from tml.reader.batch import RecapBatch
-
-    optimizer, scheduler = build_recap_optimizer(config, sharded)
-    optimizers = [optimizer, *sharded.table_optimizers.values()]
-    state = LoopState()
-
-    def run(batches, steps: int) -> None:
-        options = LoopOptions(
-            num_train_steps=state.step + steps, train_log_every_n=10**9, batch_type=RecapBatch
-        )
-        train(sharded.module, optimizers, scheduler, batches, env, options, state=state)
-
-    return run
 
 
 @contextlib.contextmanager

@@ -132,7 +132,7 @@ def run_in_memory(args) -> dict:
     import torchrec  # noqa: F401  (before the reader's KeyedJaggedTensor import: torchrec's import order)
 
     from tml.core.distributed import init_distributed
-    from tml.projects.home.recap.build import build_recap_optimizer, build_sharded, task_names
+    from tml.projects.home.recap.build import build_sharded, task_names
     from tml.reader.dataset import build_dataset
 
     config = bench_config(args.one[0], args.work)
@@ -155,25 +155,14 @@ def run_in_memory(args) -> dict:
         for i in range(warm, steps):
             step(batches[i % len(batches)])
     else:
-        from tml.core.state import LoopState
-        from tml.core.train_loop import LoopOptions, train
-        from tml.reader.batch import RecapBatch
-
-        optimizer, scheduler = build_recap_optimizer(config, sharded)
-        optimizers = [optimizer, *sharded.table_optimizers.values()]
+        train = core_trainer(config, sharded, env, bf16)
 
         def cycle(first: int, last: int):
             return (batches[i % len(batches)] for i in range(first, last))
 
-        def options(num_steps: int):
-            return LoopOptions(
-                num_train_steps=num_steps, train_log_every_n=10**9, bf16=bf16, batch_type=RecapBatch
-            )
-
-        state = LoopState()  # the second call continues the first one's step count
-        train(sharded.module, optimizers, scheduler, cycle(0, warm), env, options(warm), state=state)
+        train(cycle(0, warm), warm)
         start = time.perf_counter()
-        train(sharded.module, optimizers, scheduler, cycle(warm, steps), env, options(steps), state=state)
+        train(cycle(warm, steps), steps - warm)
     seconds = time.perf_counter() - start
     figures = torch.tensor([seconds, _peak_rss_mb()])
     torch.distributed.all_reduce(figures, op=torch.distributed.ReduceOp.MAX)  # the slowest, the largest
@@ -181,6 +170,27 @@ def run_in_memory(args) -> dict:
         "examples_per_s": (steps - warm) * args.batch_size / figures[0].item(),
         "peak_rss_mb": figures[1].item(),
     }
+
+
+def core_trainer(config, sharded, env, bf16: bool = False):
+    """train(batches, steps): `steps` steps of tml's training loop (its pipeline, the config's optimizers, no
+    logging) on `batches`, each call continuing the previous one's step count."""
+    from tml.core.state import LoopState
+    from tml.core.train_loop import LoopOptions, train
+    from tml.projects.home.recap.build import build_recap_optimizer
+    from tml.reader.batch import RecapBatch
+
+    optimizer, scheduler = build_recap_optimizer(config, sharded)
+    optimizers = [optimizer, *sharded.table_optimizers.values()]
+    state = LoopState()
+
+    def run(batches, steps: int) -> None:
+        options = LoopOptions(
+            num_train_steps=state.step + steps, train_log_every_n=10**9, bf16=bf16, batch_type=RecapBatch
+        )
+        train(sharded.module, optimizers, scheduler, batches, env, options, state=state)
+
+    return run
 
 
 def _launcher(procs: int, env: dict[str, str]) -> list[str]:
