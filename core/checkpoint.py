@@ -13,16 +13,18 @@ the model part only and writes nothing.
 Example:
     ckpt = Checkpointer(save_dir, env, states, rank_states, every_n=1000)
     step = ckpt.restore_latest()      # step of the newest complete checkpoint, or None
-    ckpt.install_signal_handlers()    # SIGTERM/SIGINT: checkpoint at the next step, exit cleanly
+    with ckpt.signal_handlers():      # SIGTERM/SIGINT: checkpoint at the next step, exit cleanly
+        train(...)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -137,7 +139,7 @@ class Checkpointer:
     # -- save ----------------------------------------------------------------------------------
     @property
     def stop_requested(self) -> bool:
-        """A SIGTERM/SIGINT arrived on this rank (see install_signal_handlers)."""
+        """A SIGTERM/SIGINT arrived on this rank (see signal_handlers)."""
         return self._signal is not None
 
     def maybe_save(
@@ -229,14 +231,26 @@ class Checkpointer:
         return int(meta["step"])
 
     # -- signals -------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT set a flag; the next maybe_save() checkpoints on every rank and exits."""
+    @contextlib.contextmanager
+    def signal_handlers(self) -> Iterator[None]:
+        """Inside: SIGTERM/SIGINT set a flag; the next maybe_save() checkpoints on every rank and exits.
+
+        On leaving, the previous handlers come back. A handler left installed would also keep this
+        Checkpointer, its model and the model's process groups alive past destroy_process_group, to be
+        torn down with the interpreter, gloo's threads still running.
+        """
 
         def handler(signum, _frame):
             self._signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
             signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def resolve_checkpoint(path: str, what: str = "checkpoint") -> str:

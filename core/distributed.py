@@ -170,10 +170,20 @@ def configure_cpu_threads(requested: int | None, reserved: int = 1) -> int:
     return requested
 
 
+# torchrec.distributed.comm keeps the intra- and cross-node groups it creates in these globals and never
+# lets them go: after destroy_process_group they would keep those groups' gloo threads running until the
+# interpreter's teardown, and a later init_distributed in the same process would get the destroyed ones.
+_TORCHREC_GROUP_CACHES = ("_INTRA_PG", "_CROSS_PG", "_INTRA_PG_2D", "_CROSS_PG_2D")
+
+
 def shutdown() -> None:
-    """Destroy the process group if one exists (safe to call twice)."""
+    """Destroy the process groups if any exist, torchrec's cached ones with them (safe to call twice)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    comm = sys.modules.get("torchrec.distributed.comm")
+    for name in _TORCHREC_GROUP_CACHES:
+        if getattr(comm, name, None) is not None:
+            setattr(comm, name, None)
 
 
 def run_distributed(fn: Callable[[], Any]) -> Any:

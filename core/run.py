@@ -253,56 +253,56 @@ def fit(job: TrainJob, env: DistEnv) -> TrainResult:
     if env.is_main:
         save_config(job.config, os.path.join(t.save_dir, "config.yaml"))
         log_hparams(t.save_dir, job.config, {}, step=loop.step, status="running")
-    checkpointer.install_signal_handlers()
-    mlflow = _mlflow_sink(job, env)
-    metric_logger = MetricLogger(t.save_dir, env.rank, sinks=[mlflow] if mlflow else ())
-    evaluate = None
-    if job.evaluate is not None:
+    with checkpointer.signal_handlers():  # until training and its bookkeeping are done
+        mlflow = _mlflow_sink(job, env)
+        metric_logger = MetricLogger(t.save_dir, env.rank, sinks=[mlflow] if mlflow else ())
+        evaluate = None
+        if job.evaluate is not None:
 
-        def evaluate(step: int) -> None:
-            metric_logger.log(step, job.evaluate(job.sharded.module, step))
+            def evaluate(step: int) -> None:
+                metric_logger.log(step, job.evaluate(job.sharded.module, step))
 
-    options = LoopOptions(
-        num_train_steps=t.num_train_steps,
-        gradient_accumulation=t.gradient_accumulation,
-        train_log_every_n=t.train_log_every_n,
-        eval_every_n=t.eval_every_n,
-        bf16=use_bf16(t, env),
-        pipeline=t.pipeline,
-        batch_type=job.batch_type,
-        profiler=_profiler(t, env),
-        threads=thread_tuner(t.num_threads, env, job.train_data, t.gradient_accumulation, use_compile(t)),
-    )
-    if use_compile(t):
-        compiled = compile_dense(job.sharded.module)
-        logger.info(
-            "compiled (training.compile=%s): %s", t.compile, ", ".join(n or "<model>" for n in compiled)
+        options = LoopOptions(
+            num_train_steps=t.num_train_steps,
+            gradient_accumulation=t.gradient_accumulation,
+            train_log_every_n=t.train_log_every_n,
+            eval_every_n=t.eval_every_n,
+            bf16=use_bf16(t, env),
+            pipeline=t.pipeline,
+            batch_type=job.batch_type,
+            profiler=_profiler(t, env),
+            threads=thread_tuner(t.num_threads, env, job.train_data, t.gradient_accumulation, use_compile(t)),
         )
-    optimizers = [job.optimizer, *job.sharded.table_optimizers.values()]
-    status = "failure"
-    try:
-        result = train(
-            job.sharded.module,
-            optimizers,
-            job.scheduler,
-            job.train_data,
-            env,
-            options,
-            metric_logger,
-            checkpointer,
-            evaluate,
-            loop,
-        )
-        status = "success"
-    except Preempted:
-        status = "running"  # stopped by a signal after its checkpoint: the run continues when restarted
-        raise
-    finally:
-        metric_logger.close()
-        if env.is_main:
-            # The dashboard's row for this run: its config and final metrics, or how it ended.
-            log_hparams(t.save_dir, job.config, final_metrics(t.save_dir), step=loop.step, status=status)
-        if mlflow is not None:
-            _close_mlflow(mlflow, t, checkpointer, status)
+        if use_compile(t):
+            compiled = compile_dense(job.sharded.module)
+            logger.info(
+                "compiled (training.compile=%s): %s", t.compile, ", ".join(n or "<model>" for n in compiled)
+            )
+        optimizers = [job.optimizer, *job.sharded.table_optimizers.values()]
+        status = "failure"
+        try:
+            result = train(
+                job.sharded.module,
+                optimizers,
+                job.scheduler,
+                job.train_data,
+                env,
+                options,
+                metric_logger,
+                checkpointer,
+                evaluate,
+                loop,
+            )
+            status = "success"
+        except Preempted:
+            status = "running"  # stopped by a signal after its checkpoint: the run continues when restarted
+            raise
+        finally:
+            metric_logger.close()
+            if env.is_main:
+                # The dashboard's row for this run: its config and final metrics, or how it ended.
+                log_hparams(t.save_dir, job.config, final_metrics(t.save_dir), step=loop.step, status=status)
+            if mlflow is not None:
+                _close_mlflow(mlflow, t, checkpointer, status)
     logger.info("training done at step %d; checkpoints in %s", result.step, checkpointer.dir)
     return result

@@ -155,21 +155,22 @@ def _sigterm_job(save_dir: str) -> dict:
     env = init_distributed("gloo", "cpu")
     sharded, optimizer, scheduler = tiny.build_training(env, shardings=SHARDING)
     ckpt, loop = tiny.checkpointer(save_dir, env, sharded, optimizer, scheduler, 100)
-    ckpt.install_signal_handlers()
 
     def signal_rank_one(step):
         if step == 3 and env.rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
     options = LoopOptions(num_train_steps=20, eval_every_n=1)
+    before = signal.getsignal(signal.SIGTERM)
     try:
         batches = tiny.rank_batches(env, 0, 1000)
-        train(
-            sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, signal_rank_one, loop
-        )
+        with ckpt.signal_handlers():
+            train(sharded.module, [optimizer], scheduler, batches, env, options, None, ckpt, signal_rank_one,
+                  loop)  # fmt: skip
         result = {"preempted": False}
     except Preempted as stop:
         result = {"preempted": True, "code": stop.code}
+    result["handler_restored"] = signal.getsignal(signal.SIGTERM) is before
     result["latest"] = ckpt.latest_step()
     shutdown()
     return result
@@ -180,6 +181,8 @@ def test_sigterm_on_one_rank_stops_every_rank_after_one_checkpoint(run_ranks, tm
     results = run_ranks(_sigterm_job, 2, str(tmp_path / "run"))
     assert [r["preempted"] for r in results] == [True, True]
     assert {r["code"] for r in results} == {0}
+    # Left installed, the handler would keep the checkpointer, the model and its process groups alive.
+    assert [r["handler_restored"] for r in results] == [True, True]
     # The agreement travels one batch ahead: the stop lands within two steps of the signal, on both ranks.
     latest = {r["latest"] for r in results}
     assert len(latest) == 1 and 4 <= latest.pop() <= 5

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -316,7 +315,6 @@ def run_plan(config) -> list[dict]:
                   "outputs": {}, "started": _now(), "ended": None, "error": None}  # fmt: skip
         if env.is_main:
             _write_record(save_dir, record)
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             record["outputs"] = phase.run(config)
             record["status"] = "finished"
@@ -331,8 +329,6 @@ def run_plan(config) -> list[dict]:
             )
             raise
         finally:
-            for sig, handler in handlers.items():  # a phase's signal handlers (training's) end with it
-                signal.signal(sig, handler)
             record["ended"] = _now()
             if env.is_main:
                 _write_record(save_dir, record)
