@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -21,16 +22,22 @@ def _torchrun(out: pathlib.Path, nnodes: int, nproc: int, port: int) -> list[sub
         str(JOB), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(nnodes)
-    ]
+    # A session of its own per node: a hung node is killed with its workers (see _run).
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    return [subprocess.Popen(command, env=env, start_new_session=True, **pipes) for _ in range(nnodes)]
 
 
 def _run(out: pathlib.Path, nnodes: int, nproc: int, port: int) -> list[dict]:
     out.mkdir()
     procs = _torchrun(out, nnodes, nproc, port)
-    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        logs = [proc.communicate()[0] for proc in procs]
+        pytest.fail("a node hung for 300 s; their output:\n" + "\n---\n".join(log[-4000:] for log in logs))
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -45,6 +52,9 @@ def test_two_nodes_plan_two_hosts_and_match_one_node(tmp_path, tcp_port_factory)
     assert [r["hosts"] for r in one_node] == [1, 1]
     # Row-wise within a host: all of table a on the ranks of one host, not across both.
     assert len(two_nodes[0]["table_a_ranks"]) == 1 and one_node[0]["table_a_ranks"] == [0, 1]
+    # shutdown() drops the groups torchrec caches: left there, they outlive destroy_process_group.
+    for record in two_nodes + one_node:
+        assert record["torchrec_groups"] == {"before": [True, True], "after": [None, None]}
     for two, one in zip(two_nodes, one_node, strict=True):
         assert len(two["losses"]) == 4
         assert two["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)

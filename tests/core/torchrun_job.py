@@ -5,10 +5,13 @@ losses, the hosts the planner saw and where table `a` went to `<out>/rank<r>.jso
         tests/core/torchrun_job.py OUT
 """
 
+import faulthandler
 import importlib.util
 import json
 import pathlib
 import sys
+
+WATCHDOG_S = 150  # a normal run takes 15-25 s
 
 _spec = importlib.util.spec_from_file_location(
     "tiny_model", pathlib.Path(__file__).with_name("tiny_model.py")
@@ -18,6 +21,11 @@ _spec.loader.exec_module(tiny)
 
 
 def main(out: str) -> None:
+    # A hung rank prints every thread's stack and exits, well before the test's timeout: the failure shows
+    # where it hung.
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    import torchrec.distributed.comm as comm
+
     from tml.core.distributed import init_distributed, shutdown
     from tml.core.train_loop import LoopOptions, train
 
@@ -33,8 +41,14 @@ def main(out: str) -> None:
         "env_hosts": env.num_hosts,
         "table_a_ranks": sorted(placement.ranks),
     }
-    pathlib.Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
+    cached = (comm._INTRA_PG, comm._CROSS_PG)  # table_row_wise makes torchrec cache these two groups
     shutdown()
+    record["torchrec_groups"] = {
+        "before": [g is not None for g in cached],
+        "after": [comm._INTRA_PG, comm._CROSS_PG],
+    }
+    pathlib.Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":
