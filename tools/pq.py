@@ -48,9 +48,9 @@ def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str
     return pairs
 
 
-def _parquet(source, file: str) -> pq.ParquetFile:
+def _parquet(source, file: str, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(source)
+        return pq.ParquetFile(source, metadata=metadata)
     except pa.ArrowInvalid as err:
         raise ValueError(f"{file}: not a readable Parquet file ({err})") from err
 
@@ -280,17 +280,18 @@ def cmd_rewrite(paths: list[str], output: str, overwrite: bool) -> None:
     from tml.ml_logging.progress import progress_bar
 
     files = resolve_files(paths)
-    rows = 0
-    for fs, file in files:  # every input readable before anything is written
+    footers = []
+    for fs, file in files:  # every input readable before anything is written; its footer kept for the copy
         with fs.open(file, "rb") as handle:
-            rows += _parquet(handle, file).metadata.num_rows
+            footers.append(_parquet(handle, file).metadata)
+    rows = sum(footer.num_rows for footer in footers)
     out_fs, targets = _targets(files, output, overwrite)
     out_fs.makedirs(posixpath.dirname(targets[0]) or ".", exist_ok=True)
     bar = progress_bar(rows, "rewrite")
-    for (fs, file), target in zip(files, targets, strict=True):
+    for (fs, file), footer, target in zip(files, footers, targets, strict=True):
         try:
             with fs.open(file, "rb") as handle:
-                parquet = _parquet(handle, file)
+                parquet = _parquet(handle, file, footer)
                 schema = rewrite_schema(parquet)
                 with out_fs.open(target, "wb") as sink, parquet_writer(sink, schema) as writer:
                     for group in range(parquet.num_row_groups):
