@@ -208,6 +208,9 @@ def build_app(service: Service):
         yield
         service.ready = False
         await service.batcher.stop()
+        # uvicorn ends the process by re-raising the signal it caught, which runs no destructors: the
+        # artifact is released here, so an AOTInductor package deletes the copy it extracted to $TMPDIR.
+        service.artifact = None
         logger.info("drained; stopped")
 
     app = FastAPI(title="tml-recap serve", lifespan=lifespan)

@@ -51,17 +51,23 @@ def test_readme_serving_block_runs_and_scores_like_predict(tmp_path, tcp_port_fa
     env = {k: v for k, v in os.environ.items() if k not in ("TML_DATA", "TML_RUNS", "RANK", "WORLD_SIZE")}
     env["PATH"] = f"{venv}:{env['PATH']}"  # `tml-recap` and `python` of this environment, as after `activate`
     server, outputs = None, []
+    server_tmp = tmp_path / "server-tmp"  # the server's $TMPDIR
     try:
         for line in lines:
             command = tiny(line, port)
             if command.endswith("&"):
+                server_tmp.mkdir()
                 server = subprocess.Popen(
-                    shlex.split(command[:-1]), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
-                )
+                    shlex.split(command[:-1]), cwd=tmp_path, env=dict(env, TMPDIR=str(server_tmp)),
+                    stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
                 continue
             if command.startswith("kill %1"):
+                extracted = list(server_tmp.glob("aotinductor_*"))  # the AOTInductor package, loaded
                 server.send_signal(signal.SIGTERM)
                 assert server.wait(timeout=60) == -signal.SIGTERM, server.stderr.read()
+                # ... and deleted on the way out, though uvicorn ends the process with the signal itself
+                assert extracted and not any(path.exists() for path in extracted), extracted
                 continue
             done = subprocess.run(command, shell=True, executable="/bin/bash", cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=600)  # fmt: skip
