@@ -12,7 +12,9 @@ pipeline and the config's optimizers, no logging), is fed, in rotation and `--re
 - `process`: the same reader in a forked process that copies each batch into one of 8 shared-memory slots;
   this process clones the slot and builds the batch (a prototype of decoding outside the training process:
   no GIL or allocator shared with the step; `--sources` to include it).
-It also prints the reader's CPU per batch while it decodes the `fresh` batches (first calls included).
+It also prints the reader's CPU per batch while it decodes the `fresh` batches (first calls included), and
+per source the CPU per step of the main thread, of the process's other threads (torch's OpenMP workers) and
+of the reader's threads (Linux's /proc/self/task).
 `reader / cycled` below 1 is what the reader's threads take from the training step, beyond the data itself.
 Data: bench_recap.py's files (written when missing).
 
@@ -87,10 +89,14 @@ def main() -> None:
     trainer = plain_loop if args.loop == "plain" else bench_recap.core_trainer
     train_on = trainer(config, build_sharded(config, env), env)
 
-    def run(batches) -> float:
+    def run(batches, cpu: list | None = None) -> float:
+        before = thread_cpu()
         start = time.perf_counter()
         train_on(batches, args.steps)
-        return args.steps * batch_size / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if cpu is not None:  # read before `batches` closes: the reader's threads are still alive
+            cpu.append([value / args.steps * 1e3 for value in cpu_by_role(before, thread_cpu())])
+        return args.steps * batch_size / seconds
 
     def live(idle: bool = False):
         with sched_idle_reader(idle):  # for the whole run: the threads start while it runs
@@ -108,17 +114,50 @@ def main() -> None:
     sources = {name: sources[name] for name in dict.fromkeys(["cycled", *args.sources])}
     run(itertools.cycle(fresh[:8]))  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in sources}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in sources}
     for repeat in range(args.repeat):
         names = list(sources)
         turn = repeat % len(names)
         for name in names[turn:] + names[:turn]:  # rotated order
-            rates[name].append(run(sources[name]()))
+            rates[name].append(run(sources[name](), cpu[name]))
     print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s), {args.steps} steps x "
           f"{args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
     for name, values in rates.items():
         ratios = [value / base for value, base in zip(values, rates["cycled"], strict=True)]
         print(f"{name:7s} {statistics.median(values):9,.0f} ex/s ({min(values):,.0f}-{max(values):,.0f})  "
-              f"/ cycled {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+              f"/ cycled {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})  "
+              "CPU ms per step: " + ", ".join(
+                  f"{role} {statistics.median(run[i] for run in cpu[name]):.2f}" for i, role in enumerate(ROLES)
+              ))  # fmt: skip
+
+
+ROLES = ("main", "other threads", "reader")  # other: torch's OpenMP workers (and idle gloo threads)
+
+
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by thread id (Linux /proc)."""
+    ticks, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended since the listing
+            continue
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def cpu_by_role(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """CPU seconds between two `thread_cpu()` readings of the main thread, the others, and the reader's
+    threads (named tml-reader-*; in the `process` source they are in the forked process, not counted)."""
+    import threading
+
+    reader = {t.native_id for t in threading.enumerate() if t.name.startswith("tml-reader")}
+    used = [0.0, 0.0, 0.0]
+    for tid, value in after.items():
+        role = 0 if tid == os.getpid() else 2 if tid in reader else 1
+        used[role] += value - before.get(tid, 0.0)
+    return used
 
 
 def plain_loop(config, sharded, env):
