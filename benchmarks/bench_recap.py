@@ -13,7 +13,11 @@ in the config's schema is written once under --work, then these variants run, ea
   processes), the default config plus only size overrides: inputs, global_batch_size, num_train_steps,
   save_dir, train_log_every_n (the measuring window) and no evaluation (`validation_data={}`,
   `training.eval_every_n=null`, `training.num_eval_steps=null`). Nothing about
-  threads, precision or compilation is set, unless --e2e-overrides adds it.
+  threads or compilation is set, unless --e2e-overrides adds it.
+
+Precision (--precision): `auto` (the default) runs every variant as tml's `training.mixed_precision: auto`
+picks on this machine (bf16 autocast on a CPU with AMX, fp32 on others; e2e runs the config's own default),
+so that all do the same work; `fp32` and `bf16` set it for all (e2e: `training.mixed_precision=none|bf16`).
 
 Throughput is examples/s over the steps after the first measuring window (warm-up, compilation), globally.
 Variants run in turn, in a rotated order each repeat so that drift on a shared machine cancels; printed are
@@ -21,7 +25,7 @@ the median examples/s with the range over repeats, ratios to `plain` of the same
 the largest per-process peak RSS (VmHWM) and its ratio to `plain`, and the load average around the runs.
 
     python benchmarks/bench_recap.py [--configs local prod] [--procs 1 2] [--repeat 3] [--variants plain core e2e]
-        [--precision fp32] [--steps N] [--window N] [--batch-size N] [--e2e-overrides KEY=VALUE ...]
+        [--precision auto] [--steps N] [--window N] [--batch-size N] [--e2e-overrides KEY=VALUE ...]
         [--label NAME] [--work /tmp/tml-bench-recap]
 
 Example (the honest scaling figure on a 2-core box: 2 processes x 1 thread against 1 process x 1 thread):
@@ -97,6 +101,13 @@ def write_data(path: str, work: str, rows: int, row_group: int) -> str:
     return folder
 
 
+def wants_bf16(precision: str) -> bool:
+    """Whether `--precision` means bf16 autocast here (`auto`: what tml's auto picks on this CPU)."""
+    from tml.core.run import cpu_has_amx
+
+    return cpu_has_amx() if precision == "auto" else precision == "bf16"
+
+
 def _peak_rss_mb() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -143,7 +154,7 @@ def run_in_memory(args) -> dict:
     iterator = iter(build_dataset(data, task_names(config), env.rank, env.world_size))
     batches = [next(iterator) for _ in range(8)]  # cycled: in memory, like a plain benchmark's tensors
     iterator.close()
-    bf16 = args.precision == "bf16"
+    bf16 = wants_bf16(args.precision)
     torch.manual_seed(0)
     sharded = build_sharded(config, env)
     warm, steps = args.window, args.steps
@@ -230,7 +241,13 @@ def launch_e2e(args, path: str, folder: str, procs: int) -> dict:
         f"training.train_log_every_n={args.window}",
         f"training.save_dir={run_dir}",
         *NO_EVALUATION,
-        *(["training.mixed_precision=bf16"] if args.precision == "bf16" else []),
+        *(
+            {
+                "auto": [],
+                "fp32": ["training.mixed_precision=none"],
+                "bf16": ["training.mixed_precision=bf16"],
+            }[args.precision]
+        ),
         *args.e2e_overrides,
     ]
     tml_recap = os.path.join(os.path.dirname(sys.executable), "tml-recap")
@@ -267,7 +284,7 @@ def main() -> None:
         "--variants", nargs="+", default=["plain", "core", "e2e"], choices=["plain", "core", "e2e"]
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--steps", type=int, help="steps per run (default: per config, see SIZES)")
     parser.add_argument("--window", type=int, help="steps per measuring window; the first is warm-up")
     parser.add_argument("--batch-size", type=int, help="global batch (default: per config)")
@@ -284,7 +301,8 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
         return
-    print(f"{os.cpu_count()} CPU cores, {args.precision}, {args.repeat} repeats {args.label}")
+    precision = "bf16" if wants_bf16(args.precision) else "fp32"
+    print(f"{os.cpu_count()} CPU cores, {precision} ({args.precision}), {args.repeat} repeats {args.label}")
     asked = {key: getattr(args, key) for key in ("steps", "window", "batch_size")}
     for name in args.configs:
         size = SIZES.get(os.path.splitext(os.path.basename(name))[0], SIZES["local"])

@@ -61,7 +61,9 @@ class TrainingConfig(BaseConfig):
     )
     seed: int = _F(0, description="Seed of torch's generators (the same on every rank).")
     mixed_precision: Literal["auto", "none", "bf16"] = _F(
-        "auto", description="bf16 autocast of the forward pass; auto: bf16 on cuda, none on cpu."
+        "auto",
+        description="bf16 autocast of the forward pass (training and evaluation); auto: bf16 on cuda and on "
+        "CPUs with AMX (Intel Xeon since Sapphire Rapids), none on other CPUs, where bf16 is slower than fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = _F("auto", description="auto: cuda when available.")
     backend: Literal["auto", "gloo", "nccl"] = _F("auto", description="auto: nccl on cuda, gloo on cpu.")

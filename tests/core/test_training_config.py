@@ -44,3 +44,35 @@ def test_run_distributed_exits_nonzero_on_error(capsys):
     assert exit_info.value.code == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
     assert run_distributed(lambda: 7) == 7
+
+
+@pytest.mark.parametrize(
+    "mode, device, amx, expected",
+    [
+        ("auto", "cuda", False, True),
+        ("auto", "cpu", True, True),
+        ("auto", "cpu", False, False),
+        ("none", "cuda", True, False),
+        ("none", "cpu", True, False),
+        ("bf16", "cpu", False, True),
+    ],
+)
+def test_mixed_precision_auto_is_bf16_on_cuda_and_on_amx_cpus(monkeypatch, mode, device, amx, expected):
+    import torch
+
+    from tml.core import run
+    from tml.core.distributed import DistEnv
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    env = DistEnv(0, 1, 0, torch.device(device), "gloo")
+    config = TrainingConfig(save_dir="x", num_train_steps=1, mixed_precision=mode)
+    assert run.use_bf16(config, env) is expected
+
+
+def test_no_amx_detection_means_no_amx(monkeypatch):
+    import torch
+
+    from tml.core import run
+
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert run.cpu_has_amx() is False
