@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -47,10 +48,11 @@ from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per config: rows written, rows per row group, global batch, steps, steps per measuring window.
-# The first window holds the warm-up and tml's thread trial (core/cpu_threads.py: about 20 steps or 4 s).
+# The first window holds the warm-up and tml's thread trial (core/cpu_threads.py: at least 29 steps and 8 s;
+# launch_e2e checks that it ended there).
 SIZES = {
-    "local": {"rows": 300_000, "row_group": 16_384, "batch": 1024, "steps": 600, "window": 150},
-    "prod": {"rows": 12_288, "row_group": 2_048, "batch": 256, "steps": 60, "window": 20},
+    "local": {"rows": 300_000, "row_group": 16_384, "batch": 1024, "steps": 1800, "window": 600},
+    "prod": {"rows": 12_288, "row_group": 2_048, "batch": 256, "steps": 150, "window": 50},
 }
 NO_EVALUATION = ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"]
 _SHIM = (
@@ -256,6 +258,12 @@ def launch_e2e(args, path: str, folder: str, procs: int) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"e2e run failed:\n{done.stderr[-4000:]}")
+    decided = re.search(r"torch CPU threads: \d+ from step (\d+)", done.stderr)
+    if decided and int(decided.group(1)) > args.window + 1:
+        raise RuntimeError(
+            f"e2e: the thread trial ended at step {decided.group(1)}, after the first window of {args.window} "
+            "steps that the rates leave out: raise --window"
+        )
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rates = [json.loads(line)["train/examples_per_s"] for line in f if "train/examples_per_s" in line]
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -12,7 +12,11 @@ measures, once per process, over the first steps:
    averaged over every row it decoded: its queues hold many batches, a short window would miss them) the
    share of a core it needs at that speed; a reader that needs at least `busy_reader` of a core keeps its
    core, no trial;
-2. otherwise a window with every core of the process's share (after `settle_steps` steps of thread start);
+2. otherwise a window twice as long with every core of the process's share, then a second window at the
+   start count (each after `settle_steps` steps at the new count): the two counts' windows are centred on
+   the same moment, so a speed that drifts over the first steps (the reader filling its queues, a
+   neighbour's load) weighs on both alike (one window each, in turn, let a fast first window decide:
+   benchmarks/RESULTS.md, "bf16 autocast on AMX", the thread trial);
 3. the faster count is kept (the full share must win by `margin`), and the decision is logged.
 
 Windows last at least `window_steps` steps and `window_seconds` of step time (logging, checkpoints and
@@ -61,6 +65,9 @@ class ThreadTuner:
         self.warmup_steps, self.window_steps, self.window_seconds = warmup_steps, window_steps, window_seconds
         self.settle_steps, self.busy_reader, self.margin = settle_steps, busy_reader, margin
         self._open("warmup")
+        # The windows still to measure: (thread count, length in windows); low, high twice, low again.
+        self._windows = [(self.low, 1), (self.high, 2), (self.low, 1)]
+        self._totals: dict[int, tuple[int, float]] = {}  # steps, seconds measured per thread count
         self.rates: dict[int, float] = {}
         self.reader_busy: float | None = None  # cores, measured in the first window
         self.decided: int | None = None
@@ -76,23 +83,27 @@ class ThreadTuner:
         self.step_time += self.clock() - self._step_start
         if self.phase in ("warmup", "settle"):
             if self.count >= (self.warmup_steps if self.phase == "warmup" else self.settle_steps):
-                self._open("low" if self.phase == "warmup" else "high")
+                self._open("window")
             return
-        if self.count < self.window_steps or self.step_time < self.window_seconds:
+        threads, length = self._windows[0]
+        if self.count < self.window_steps * length or self.step_time < self.window_seconds * length:
             return
-        threads = self.low if self.phase == "low" else self.high
-        self.rates[threads] = self.count / self.step_time
-        if self.phase == "low":
+        steps, seconds = self._totals.get(threads, (0, 0.0))
+        self._totals[threads] = steps + self.count, seconds + self.step_time
+        self.rates[threads] = self._totals[threads][0] / self._totals[threads][1]
+        self._windows.pop(0)
+        if self.reader_busy is None:  # the first window, at the start count
             per_batch = self.reader() or 0.0
             self.reader_busy = per_batch * self.batches_per_step * self.rates[self.low]
             if self.reader_busy >= self.busy_reader:
                 self._decide(self.low, step)
                 return
-            torch.set_num_threads(self.high)
-            self._open("settle")
+        if not self._windows:
+            faster = self.rates[self.high] > self.rates[self.low] * (1 + self.margin)
+            self._decide(self.high if faster else self.low, step)
             return
-        faster = self.rates[self.high] > self.rates[self.low] * (1 + self.margin)
-        self._decide(self.high if faster else self.low, step)
+        torch.set_num_threads(self._windows[0][0])
+        self._open("settle")
 
     def _open(self, phase: str) -> None:
         self.phase, self.count, self.step_time = phase, 0, 0.0

@@ -58,10 +58,13 @@ class _Machine:
 
     def train(self, tuner, steps: int) -> None:
         for step in range(1, steps + 1):
-            tuner.before(step)
-            self.now += self.seconds[self.threads]
-            tuner.after(step)
-            self.now += 10.0  # a checkpoint or evaluation between steps: not step time
+            self.train_step(tuner, step)
+
+    def train_step(self, tuner, step: int) -> None:
+        tuner.before(step)
+        self.now += self.seconds[self.threads]
+        tuner.after(step)
+        self.now += 10.0  # a checkpoint or evaluation between steps: not step time
 
 
 def _tuner(machine, reader_s_per_batch: float, share: int = 2):
@@ -74,8 +77,9 @@ def test_a_compute_bound_model_gets_the_readers_core(monkeypatch):
     machine = _Machine(monkeypatch, {1: 1.0, 2: 0.55})
     tuner = _tuner(machine, reader_s_per_batch=0.05)  # 5% of a core at 1 step/s
     machine.train(tuner, 100)
-    # warm-up 5, window of 5 steps (>= 2 s) at 1 thread, 2 settling steps, window at 2 threads.
-    assert tuner.decided == 2 and machine.threads == 2 and machine.calls == [2, 2]
+    # warm-up 5, a window of 5 steps (>= 2 s) at 1 thread, 2 settling steps, 10 steps at 2 threads, 2
+    # settling steps, 5 more at 1 thread.
+    assert tuner.decided == 2 and machine.threads == 2 and machine.calls == [2, 1, 2]
     assert tuner.rates == {1: 1.0, 2: pytest.approx(1 / 0.55)} and tuner.reader_busy == pytest.approx(0.05)
 
 
@@ -90,7 +94,20 @@ def test_the_full_share_must_win_by_the_margin(monkeypatch):
     machine = _Machine(monkeypatch, {1: 1.0, 2: 0.97})  # 3% faster: within the margin
     tuner = _tuner(machine, reader_s_per_batch=0.01)
     machine.train(tuner, 100)
-    assert tuner.decided == 1 and machine.calls == [2, 1] and machine.threads == 1
+    assert tuner.decided == 1 and machine.calls == [2, 1, 1] and machine.threads == 1
+
+
+def test_a_speed_that_drifts_over_the_first_steps_weighs_on_both_counts_alike(monkeypatch):
+    # 2 threads are 3% faster (within the margin: 1 thread stays), but every step is 1% faster than the
+    # one before: measured one window after the other, 2 threads would look 9% faster and win.
+    machine = _Machine(monkeypatch, {1: 1.0, 2: 0.97})
+    base = dict(machine.seconds)
+    tuner = _tuner(machine, reader_s_per_batch=0.01)
+    for step in range(1, 41):
+        machine.seconds = {n: seconds * (1.3 - 0.01 * step) for n, seconds in base.items()}
+        machine.train_step(tuner, step)
+    assert tuner.decided == 1 and machine.threads == 1
+    assert tuner.rates[2] / tuner.rates[1] == pytest.approx(1 / 0.97)
 
 
 def test_the_tuner_runs_only_when_threads_are_automatic(monkeypatch):
