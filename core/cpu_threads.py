@@ -68,10 +68,14 @@ class ThreadTuner:
         # The windows still to measure: (thread count, length in windows); low, high twice, low again.
         self._windows = [(self.low, 1), (self.high, 2), (self.low, 1)]
         self._totals: dict[int, tuple[int, float]] = {}  # steps, seconds measured per thread count
-        self.rates: dict[int, float] = {}
         self.reader_busy: float | None = None  # cores, measured in the first window
         self.decided: int | None = None
         self._step_start = 0.0
+
+    @property
+    def rates(self) -> dict[int, float]:
+        """Steps/s measured so far per thread count, over all of that count's windows."""
+        return {threads: steps / seconds for threads, (steps, seconds) in self._totals.items()}
 
     def before(self, step: int) -> None:
         self._step_start = self.clock()
@@ -90,7 +94,6 @@ class ThreadTuner:
             return
         steps, seconds = self._totals.get(threads, (0, 0.0))
         self._totals[threads] = steps + self.count, seconds + self.step_time
-        self.rates[threads] = self._totals[threads][0] / self._totals[threads][1]
         self._windows.pop(0)
         if self.reader_busy is None:  # the first window, at the start count
             per_batch = self.reader() or 0.0
