@@ -24,6 +24,7 @@ CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yam
 ENV = {"TML_DATA": "/unused/data", "TML_RUNS": "/unused/runs"}
 STEPS = 3
 BATCH = 16
+BF16_CONFIG = "local.yaml"  # also trained under bf16 autocast, eager and TrainPipelineSparseDist
 
 pytestmark = pytest.mark.distributed
 
@@ -141,7 +142,7 @@ def random_batches(config, rank: int, world_size: int, steps: int):
         )
 
 
-def _train(config, env, pipeline: str) -> tuple[list[float], list[bool]]:
+def _train(config, env, pipeline: str, bf16: bool = False) -> tuple[list[float], list[bool]]:
     """Step losses of STEPS steps, and for each sharded table module whether the pipeline took it over."""
     from torchrec.distributed.types import ShardedModule
 
@@ -159,7 +160,9 @@ def _train(config, env, pipeline: str) -> tuple[list[float], list[bool]]:
         scheduler,
         random_batches(config, env.rank, env.world_size, STEPS),
         env,
-        LoopOptions(num_train_steps=STEPS, train_log_every_n=1, pipeline=pipeline, batch_type=RecapBatch),
+        LoopOptions(
+            num_train_steps=STEPS, train_log_every_n=1, pipeline=pipeline, batch_type=RecapBatch, bf16=bf16
+        ),
     )
     pipelined = [bool(m.is_pipelined) for m in sharded.module.modules() if isinstance(m, ShardedModule)]
     return result.losses, pipelined
@@ -181,10 +184,21 @@ def _run_all(stats_dir: str) -> dict:
         if has_tables:
             runs["sparse_dist"] = _train(config, env, "sparse_dist")
         results[name] = {"has_tables": has_tables, **runs}
+    # bf16 autocast, what `training.mixed_precision: auto` picks on CUDA and on CPUs with AMX, through the
+    # pipeline a GPU run takes, whether or not this CPU has AMX.
+    config = tiny_config(BF16_CONFIG, stats_dir)
+    results["bf16"] = {kind: _train(config, env, kind, bf16=True) for kind in ["eager", "sparse_dist"]}
     return results
 
 
 def _check(results: dict) -> None:
+    bf16 = results.pop("bf16")
+    eager, _ = bf16["eager"]
+    losses, pipelined = bf16["sparse_dist"]
+    assert len(eager) == STEPS and all(math.isfinite(v) for v in eager), eager
+    torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-6, msg="bf16: sparse_dist vs eager")
+    assert pipelined and all(pipelined), "bf16: a sharded table was not pipelined"
+    assert eager != results[BF16_CONFIG]["eager"][0], "bf16: the same losses as fp32 (no autocast?)"
     assert set(results) == set(CONFIGS)
     for name, runs in results.items():
         eager, _ = runs["eager"]
