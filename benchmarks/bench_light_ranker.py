@@ -114,6 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     from tml.core.distributed import configure_cpu_threads
+    from tml.reader.vectors import unpack_table
 
     # What `tml-recap serve` does, for a like-for-like in-process figure.
     configure_cpu_threads(None, reserved=1)
@@ -121,7 +122,7 @@ def main() -> None:
     light_rows = None
     if LIGHT in args.configs:
         data = prepare_light_ranker(args.work, args.rows)
-        light_rows = pq.read_table(f"{data}/valid/part-00000.parquet")
+        light_rows = unpack_table(pq.read_table(f"{data}/valid/part-00000.parquet"))
         if light_rows.num_rows < max(args.records):
             raise SystemExit(
                 f"--rows {args.rows} gives {light_rows.num_rows} rows per validation file: raise it"

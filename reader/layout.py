@@ -1,44 +1,52 @@
 """How tml writes Parquet it will train from: the same values, laid out to decode fast.
 
 Decoding is most of the reader's CPU, and on a small CPU box the reader shares the cores with training
-(benchmarks/RESULTS.md, "Parquet layout"). Three writer choices make it cheaper without changing a value:
+(benchmarks/RESULTS.md, "Parquet layout"). Four writer choices make it cheaper without changing a value:
 - LZ4 instead of pyarrow's default Snappy: it decompresses faster, at about the same size;
-- dictionary encoding only for columns that are not floating point: float features rarely repeat, so
-  their dictionaries overflow and the writer falls back to plain pages after paying for both;
+- dictionary encoding only for columns that are not floating point or packed vectors: float features rarely
+  repeat, so their dictionaries overflow and the writer falls back to plain pages after paying for both;
 - `with_nullable(schema, False)` for data that has no nulls (the synthetic generator's): a non-nullable column,
-  or list element, has no definition levels to decode.
-Files written so are ordinary Parquet; any reader reads them.
+  or list element, has no definition levels to decode;
+- fixed-size lists of non-nullable numbers packed, one `fixed_size_binary` value per row (tml.reader.vectors),
+  unless `vectors="list"`: pyarrow decodes a packed 6,000-float vector 4x as fast as the list.
+Files written so are Parquet that any reader reads; packed vectors read as bytes outside tml (`vectors="list"`,
+or `tml-pq rewrite --vectors list`, writes lists).
 
 Example:
     schema = with_nullable(table.schema, False)
-    with parquet_writer("part-00000.parquet", schema) as writer:
-        writer.write_table(table.cast(schema))
+    with parquet_writer("part-00000.parquet", schema) as writer:   # the schema as the data has it
+        writer.write_table(table)                                   # cast to it and packed here
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tml.reader.arrow_types import is_list
+from tml.reader.vectors import VECTOR_KEY, logical_schema, pack_field, pack_table, packable, unpack_table
 
 COMPRESSION = "lz4"
+VECTORS = ("binary", "list")
+Vectors = Literal["binary", "list"]
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The Parquet column paths (`name`, `name.list.element`, ...) of every leaf that does not hold floats.
+    """The Parquet column paths (`name`, `name.list.element`, ...) of every leaf that holds neither floats nor
+    packed vectors.
 
     The paths are pyarrow's own: read back from an empty file of `schema`.
     """
     sink = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), sink)
     leaves = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    packed = {field.name for field in schema if VECTOR_KEY in (field.metadata or {})}
     return [
         leaves.column(i).path
         for i in range(len(leaves))
-        if leaves.column(i).physical_type not in ("FLOAT", "DOUBLE")
+        if leaves.column(i).physical_type not in ("FLOAT", "DOUBLE") and leaves.column(i).path not in packed
     ]
 
 
@@ -66,6 +74,51 @@ def with_nullable(schema: pa.Schema, nullable: bool) -> pa.Schema:
     )
 
 
-def parquet_writer(where: Any, schema: pa.Schema) -> pq.ParquetWriter:
-    """A ParquetWriter of `schema` to a path or binary file object, with the layout described above."""
-    return pq.ParquetWriter(where, schema, compression=COMPRESSION, use_dictionary=dictionary_columns(schema))
+def storage_schema(schema: pa.Schema, vectors: Vectors = "binary") -> pa.Schema:
+    """The schema a file of `schema`'s data is written with: `packable` fields packed for `vectors="binary"`,
+    packed fields unpacked for `"list"`."""
+    if vectors not in VECTORS:
+        raise ValueError(f"vectors is {vectors!r}, expected one of {list(VECTORS)}")
+    schema = logical_schema(schema)
+    if vectors == "list":
+        return schema
+    fields = [pack_field(field) if packable(field) else field for field in schema]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+class LayoutWriter:
+    """Writes tables of one schema in the layout described above (see `parquet_writer`)."""
+
+    def __init__(self, where: Any, schema: pa.Schema, vectors: Vectors) -> None:
+        self.schema = logical_schema(schema)
+        self.storage = storage_schema(schema, vectors)
+        self._packed = vectors == "binary"
+        self._writer = pq.ParquetWriter(
+            where, self.storage, compression=COMPRESSION, use_dictionary=dictionary_columns(self.storage)
+        )
+
+    def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Write `table` (vectors packed or not), cast to the writer's schema; a null where the schema has
+        none raises ValueError."""
+        table = unpack_table(table).cast(self.schema)
+        self._writer.write_table(pack_table(table) if self._packed else table, row_group_size=row_group_size)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> LayoutWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def parquet_writer(where: Any, schema: pa.Schema, vectors: Vectors = "binary") -> LayoutWriter:
+    """A writer of tables of `schema` to a path or binary file object, in the layout described above.
+
+    Args:
+        where: a path or a binary file object.
+        schema: the data's schema (packed vectors read as lists); nullability is what the file gets.
+        vectors: "binary" to pack fixed-size lists of non-nullable numbers, "list" to write them as lists.
+    """
+    return LayoutWriter(where, schema, vectors)

@@ -40,6 +40,7 @@ from tml.reader.sparse import (
     sparse_continuous_type_problem,
     sparse_type_ok,
 )
+from tml.reader.vectors import VECTOR_KEY, logical_schema, unpack_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,14 @@ class DecodePlan:
 
 
 def check_schema(schema: pa.Schema, path: str, plan: DecodePlan) -> None:
-    """Raise DataError for a missing column or a column of the wrong type (before decoding anything)."""
+    """Raise DataError for a missing column or a column of the wrong type (before decoding anything).
+
+    Packed vectors (tml.reader.vectors) are checked as the fixed-size lists they hold.
+    """
+    try:
+        schema = logical_schema(schema)
+    except ValueError as error:
+        raise DataError(f"{path}: {error}") from None
     fields = {field.name: field.type for field in schema}
 
     def get(column: str, role: str) -> pa.DataType:
@@ -92,6 +100,12 @@ def check_schema(schema: pa.Schema, path: str, plan: DecodePlan) -> None:
             what = "integer/boolean" if spec.dtype == "int64" else "numeric"
             if spec.is_list:
                 fixed = pa.types.is_fixed_size_list(dtype)
+                if pa.types.is_fixed_size_binary(dtype):
+                    raise DataError(
+                        f"{path}: column {column!r} is {dtype} without the field metadata "
+                        f"{VECTOR_KEY.decode()!r} that names a packed vector's element type, expected a list "
+                        f"of {what} values or a vector packed by tml (tml.reader.vectors, tml-pq rewrite)"
+                    )
                 if not is_list(dtype) or not numeric(dtype.value_type, spec.dtype):
                     raise DataError(f"{path}: column {column!r} is {dtype}, expected a list of {what} values")
                 if fixed and dtype.list_size != spec.length:
@@ -196,6 +210,10 @@ def _scalar(table: pa.Table, column: str, target: str, where: str, role: str) ->
 
 def decode_table(table: pa.Table, where: str, plan: DecodePlan) -> tuple[TensorChunk, dict[str, int]]:
     """Decode one row group (read with `plan.columns()`); counts: non-finite dense values per dense name."""
+    try:
+        table = unpack_table(table)
+    except ValueError as error:
+        raise DataError(f"{where}: {error}") from None
     n = table.num_rows
     counts: dict[str, int] = {}
     tensors: dict = {

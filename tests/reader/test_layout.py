@@ -1,4 +1,5 @@
-"""tml.reader.layout: the same values, LZ4, dictionaries only off floats, non-nullable where asked."""
+"""tml.reader.layout: the same values, LZ4, dictionaries only off floats, non-nullable where asked, vectors
+packed unless asked for lists."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tml.reader.layout import dictionary_columns, parquet_writer, with_nullable
+from tml.reader.layout import dictionary_columns, parquet_writer, storage_schema, with_nullable
+from tml.reader.vectors import VECTOR_KEY, pack, pack_table, unpack_table
 
 
 def _table() -> pa.Table:
@@ -36,17 +38,72 @@ def test_written_files_hold_the_same_values_non_nullable_lz4_and_float_leaves_wi
     schema = with_nullable(table.schema, False)
     path = tmp_path / "a.parquet"
     with parquet_writer(str(path), schema) as writer:
-        writer.write_table(table.cast(schema))
-    back = pq.read_table(path)
-    assert back.to_pylist() == table.to_pylist()
+        writer.write_table(table)
+        writer.write_table(table.slice(1))  # a slice: its vectors start past the first row's
+    raw = pq.read_table(path)
+    assert raw.schema.field("dense").type == pa.binary(8)  # packed: 2 floats of 4 bytes
+    assert raw.schema.field("dense").metadata == {VECTOR_KEY: b"float"}
+    back = unpack_table(raw)
+    assert back.to_pylist() == table.to_pylist() + table.slice(1).to_pylist()
+    assert back.schema == schema
     assert not any(field.nullable for field in back.schema)
-    assert not back.schema.field("dense").type.value_field.nullable
     assert not back.schema.field("counts").type.item_field.nullable
     group = pq.ParquetFile(path).metadata.row_group(0)
     columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
     assert {column.compression for column in columns.values()} == {"LZ4"}
     dictionary = {path for path, column in columns.items() if "RLE_DICTIONARY" in column.encodings}
     assert dictionary == {"tags.list.element", "counts.key_value.key", "label", "name"}
+
+
+def test_vectors_list_writes_lists_and_unpacks_packed_input(tmp_path):
+    table = _table()
+    schema = with_nullable(table.schema, False)
+    with parquet_writer(str(tmp_path / "packed.parquet"), schema) as writer:
+        writer.write_table(table)
+    packed = pq.read_table(tmp_path / "packed.parquet")
+    with parquet_writer(str(tmp_path / "lists.parquet"), packed.schema, vectors="list") as writer:
+        writer.write_table(packed)
+    lists = pq.read_table(tmp_path / "lists.parquet")
+    assert lists.schema == schema and lists.to_pylist() == table.to_pylist()
+    with pytest.raises(ValueError, match="vectors is 'bytes', expected one of"):
+        storage_schema(schema, "bytes")
+
+
+def test_only_fixed_size_lists_of_non_nullable_numbers_are_packed():
+    schema = pa.schema(
+        {
+            "floats": pa.list_(pa.field("item", pa.float64(), nullable=False), 3),
+            "ints": pa.list_(pa.field("item", pa.int8(), nullable=False), 3),
+            "nullable_items": pa.list_(pa.float32(), 3),
+            "bools": pa.list_(pa.field("item", pa.bool_(), nullable=False), 3),
+            "variable": pa.list_(pa.field("item", pa.float32(), nullable=False)),
+        }
+    )
+    stored = storage_schema(schema)
+    assert [stored.field(name).type for name in ("floats", "ints")] == [pa.binary(24), pa.binary(3)]
+    assert [stored.field(name).metadata[VECTOR_KEY] for name in ("floats", "ints")] == [b"double", b"int8"]
+    for name in ("nullable_items", "bools", "variable"):
+        assert stored.field(name) == schema.field(name) and not stored.field(name).metadata
+
+
+def test_packing_keeps_null_vectors_and_slices_and_refuses_null_elements():
+    dtype = pa.list_(pa.field("item", pa.float32(), nullable=False), 2)
+    table = pa.table({"dense": pa.array([[1.0, 2.0], None, [3.0, 4.0]], dtype)})
+    for part in (table, table.slice(1)):
+        packed = pack_table(part)
+        assert packed.schema.field("dense").type == pa.binary(8)
+        assert unpack_table(packed).equals(part)
+    with pytest.raises(ValueError, match="column 'dense' has 1 null elements in its vectors"):
+        pack(pa.array([[1.0, None], None], pa.list_(pa.float32(), 2)), table.schema.field("dense"))
+
+
+def test_writing_a_null_element_where_the_schema_has_none_fails(tmp_path):
+    dtype = pa.list_(pa.field("item", pa.float32(), nullable=False), 2)
+    with (
+        pytest.raises(ValueError, match="null"),
+        parquet_writer(str(tmp_path / "a.parquet"), pa.schema([pa.field("dense", dtype)])) as writer,
+    ):
+        writer.write_table(pa.table({"dense": pa.array([[1.0, None]], pa.list_(pa.float32(), 2))}))
 
 
 @pytest.mark.parametrize(
@@ -59,7 +116,7 @@ def test_nulls_never_reach_a_non_nullable_file(tmp_path, column):
         pytest.raises(ValueError, match="null"),
         parquet_writer(str(tmp_path / "a.parquet"), schema) as writer,
     ):
-        writer.write_table(table.cast(schema))  # a top-level null fails the cast, a nested one the write
+        writer.write_table(table)  # a top-level null fails the cast, a nested one the write
 
 
 def test_with_nullable_true_undoes_false_at_every_level():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tml.reader.layout import with_nullable
+from tml.reader.vectors import VECTOR_KEY, unpack_table
 from tml.tools.pq import cli
 
 pytestmark = pytest.mark.unit
@@ -124,10 +126,14 @@ def test_rewrite_keeps_rows_values_and_row_groups_and_drops_nullability_only_whe
     out = data_dir.parent / f"{data_dir.name}-fast"
     code, printed, err = _run(capsys, "rewrite", str(data_dir), "--output", str(out))
     assert code == 0, err
-    assert "part-0.parquet: 6 rows, 1 of 4 columns non-nullable" in printed  # vec: x, ids, name have nulls
+    # vec: x, ids, name have nulls
+    assert "part-0.parquet: 6 rows, 1 of 4 columns non-nullable, 1 packed vector(s)" in printed
     for name in ("part-0.parquet", "part-1.parquet"):
         before, after = pq.ParquetFile(data_dir / name), pq.ParquetFile(out / name)
-        assert repr(after.read().to_pylist()) == repr(before.read().to_pylist())  # NaN included
+        assert after.schema_arrow.field("vec").type == pa.binary(40)
+        assert after.schema_arrow.field("vec").metadata == {VECTOR_KEY: b"float"}
+        back = unpack_table(after.read())
+        assert repr(back.to_pylist()) == repr(before.read().to_pylist())  # NaN included
         assert after.metadata.num_row_groups == before.metadata.num_row_groups
         assert {f.name: f.nullable for f in after.schema_arrow} == {
             "x": True,
@@ -136,6 +142,54 @@ def test_rewrite_keeps_rows_values_and_row_groups_and_drops_nullability_only_whe
             "name": True,
         }
         assert after.metadata.row_group(0).column(0).compression == "LZ4"
+
+
+def test_rewrite_vectors_list_writes_packed_vectors_back_as_lists_and_schema_and_head_show_lists(
+    data_dir, capsys
+):
+    packed, lists = data_dir.parent / "packed", data_dir.parent / "lists"
+    assert _run(capsys, "rewrite", str(data_dir), "--output", str(packed))[0] == 0
+    code, printed, err = _run(capsys, "rewrite", str(packed), "--output", str(lists), "--vectors", "list")
+    assert code == 0 and "0 packed vector(s)" in printed, err
+    table = pq.read_table(lists / "part-0.parquet")
+    vec = table.schema.field("vec")
+    assert vec.type == pa.list_(pa.field("item", pa.float32(), nullable=False), 10) and not vec.metadata
+    assert repr(table.to_pylist()) == repr(pq.read_table(data_dir / "part-0.parquet").to_pylist())
+    code, out, _ = _run(capsys, "schema", str(packed))
+    assert code == 0 and "vec: fixed_size_list<item: float not null>[10] not null" in out
+    assert "stored packed, one fixed_size_binary value per row (tml.reader.vectors): vec" in out
+    assert "stored packed" not in _run(capsys, "schema", str(lists))[1]
+    code, out, _ = _run(capsys, "head", str(packed / "part-0.parquet"), "-n", "3", "--max-items", "4")
+    assert code == 0 and "[20, 21, 22, 23, ... (10 items)]" in out
+    code, out, _ = _run(capsys, "stats", str(packed / "part-0.parquet"))
+    assert re.search(r"^vec +list<float>\[10\] +0 ", out, re.M) and "10/10/10" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["rewrite", str(data_dir), "--output", str(lists), "--vectors", "bytes"])
+    assert exit_info.value.code == 2 and "invalid choice: 'bytes'" in capsys.readouterr().err
+
+
+def test_rewrite_packs_variable_lists_whose_rows_all_hold_the_same_number_of_values(tmp_path, capsys):
+    table = pa.table(
+        {
+            "spark_array": pa.array([[1.5, 2.5], [3.5, 4.5], [5.5, 6.5]], pa.list_(pa.float32())),
+            "ragged": pa.array([[1, 2], [3], [4, 5]], pa.list_(pa.int64())),
+            "empty": pa.array([[], [], []], pa.list_(pa.int64())),
+            "with_null": pa.array([[1.0, None], [2.0, 3.0], [4.0, 5.0]], pa.list_(pa.float64())),
+        }
+    )
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=2)  # the lengths span two row groups
+    out = tmp_path / "out"
+    code, printed, err = _run(capsys, "rewrite", str(tmp_path / "a.parquet"), "--output", str(out))
+    assert code == 0 and "1 packed vector(s)" in printed, err
+    stored = pq.read_schema(out / "a.parquet")
+    assert stored.field("spark_array").type == pa.binary(8)
+    assert all(pa.types.is_list(stored.field(name).type) for name in ("ragged", "empty", "with_null"))
+    back = unpack_table(pq.read_table(out / "a.parquet"))
+    assert back.to_pylist() == table.to_pylist()
+    code, _, err = _run(capsys, "rewrite", str(tmp_path / "a.parquet"), "--output", str(tmp_path / "lists"),
+                        "--vectors", "list")  # fmt: skip
+    assert code == 0, err
+    assert pa.types.is_list(pq.read_schema(tmp_path / "lists" / "a.parquet").field("spark_array").type)
 
 
 def test_rewrite_reads_null_counts_per_leaf_with_dotted_names_maps_and_nested_nulls(tmp_path, capsys):

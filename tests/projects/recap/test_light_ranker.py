@@ -105,6 +105,7 @@ def _run(tmp: str) -> dict:
     from tml.projects.home.recap.build import build_train_module
     from tml.projects.home.recap.config import RecapConfig
     from tml.projects.home.recap.main import cli
+    from tml.reader.vectors import unpack_table
 
     env = {"TML_DATA": f"{tmp}/data", "TML_RUNS": f"{tmp}/runs"}
     os.environ.update(env)
@@ -127,7 +128,9 @@ def _run(tmp: str) -> dict:
     scores = pq.read_table(f"{score[score.index('--output') + 1]}/part-00000.parquet")
     module = build_train_module(config)
     load_weights(module, str(run))
-    valid = pq.read_table(config.validation_data["valid"].inputs.replace("*.parquet", "part-00000.parquet"))
+    valid = unpack_table(
+        pq.read_table(config.validation_data["valid"].inputs.replace("*.parquet", "part-00000.parquet"))
+    )
     rows = valid.slice(0, 5).to_pylist()
     report.update(
         boundaries=json.loads(pathlib.Path(config.model.discretizer.boundaries_path).read_text()),

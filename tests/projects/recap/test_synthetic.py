@@ -15,6 +15,7 @@ import torch
 from tml.projects.home.recap.data.synthetic import Affinity, generate
 from tml.reader.config import DataConfig
 from tml.reader.layout import with_nullable
+from tml.reader.vectors import VECTOR_KEY, logical_schema, unpack_table
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +52,8 @@ def _config(**overrides) -> DataConfig:
 
 def _read(directory, files=None) -> pa.Table:
     paths = sorted(directory.glob("part-*.parquet"))
-    return pa.concat_tables(pq.read_table(p) for p in (paths if files is None else [paths[i] for i in files]))
+    chosen = paths if files is None else [paths[i] for i in files]
+    return pa.concat_tables(unpack_table(pq.read_table(p)) for p in chosen)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,8 @@ def test_schema_matches_config(sample):
     out, _ = sample
     files = sorted(out.glob("part-*.parquet"))
     assert len(files) == 3
-    schema = pq.read_schema(files[0])
+    stored = pq.read_schema(files[0])
+    schema = logical_schema(stored)
     expected = {
         "continuous": pa.list_(pa.float32(), 24),
         "binary": pa.list_(pa.int64(), 12),
@@ -81,13 +84,16 @@ def test_schema_matches_config(sample):
         OTHER: pa.int64(),
         "weight": pa.float32(),
     }
-    # Written in tml.reader.layout's layout: every column non-nullable, LZ4, no dictionaries of floats.
+    # Written in tml.reader.layout's layout: every column non-nullable, LZ4, no dictionaries of floats,
+    # vectors packed.
     expected = {
         name: field.type
         for name, field in zip(expected, with_nullable(pa.schema(expected), False), strict=True)
     }
     assert {name: schema.field(name).type for name in schema.names} == expected
     assert not any(field.nullable for field in schema)
+    packed = {name for name in stored.names if VECTOR_KEY in (stored.field(name).metadata or {})}
+    assert packed == {"continuous", "binary", "discrete", "twhin.user"}
     columns = pq.ParquetFile(files[0]).metadata.row_group(0)
     encodings = {}
     for index in range(columns.num_columns):
@@ -95,7 +101,7 @@ def test_schema_matches_config(sample):
         assert column.compression == "LZ4", column.path_in_schema
         encodings[column.path_in_schema.split(".list.")[0]] = column.encodings
     assert "RLE_DICTIONARY" not in encodings["continuous"] and "RLE_DICTIONARY" not in encodings["score_a"]
-    assert "RLE_DICTIONARY" in encodings["discrete"]
+    assert "RLE_DICTIONARY" not in encodings["discrete"] and "RLE_DICTIONARY" in encodings["num_likes"]
     table = _read(out)
     assert table.num_rows == 60_000
     assert pq.ParquetFile(files[0]).metadata.num_row_groups == 3  # 20000 rows in 8192-row groups

@@ -425,7 +425,7 @@ def generate(
             if writer is None:
                 schema = with_nullable(table.schema, False)  # the generator writes no nulls
                 writer = parquet_writer(path, schema)
-            writer.write_table(table.cast(schema), row_group_size=max(table.num_rows, 1))
+            writer.write_table(table, row_group_size=max(table.num_rows, 1))
             if bar is not None:
                 bar.update(chunk_rows)
         writer.close()

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tml.reader.vectors import unpack_table
+
 pytestmark = pytest.mark.slow
 # The `serve` extra (pip install -e ".[serve]"; CI installs it).
 httpx = pytest.importorskip("httpx")
@@ -89,7 +91,7 @@ def server(local_run):
 
 def _rows(local_run, count=20):
     first = sorted(local_run["data"].glob("valid/*.parquet"))[0]
-    return pq.read_table(first).slice(0, count)
+    return unpack_table(pq.read_table(first)).slice(0, count)  # vectors as JSON lists
 
 
 def _post(url: str, records: list, query: str = "") -> httpx.Response:
@@ -120,8 +122,12 @@ def test_json_requests_score_like_predict(server, local_run):
     np.testing.assert_allclose(one.json()["score"], body["score"][:1], rtol=1e-5)
 
 
-def test_arrow_requests_score_like_predict(server, local_run):
+@pytest.mark.parametrize("vectors", ["lists", "packed"])
+def test_arrow_requests_score_like_predict(server, local_run, vectors):
     rows, expected = _rows(local_run), _expected(local_run)
+    if vectors == "packed":  # as read from tml's files: the service reads them like the reader
+        rows = pq.read_table(sorted(local_run["data"].glob("valid/*.parquet"))[0]).slice(0, rows.num_rows)
+        assert pa.types.is_fixed_size_binary(rows.schema.field("continuous").type)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, rows.schema) as writer:
         writer.write_table(rows)
