@@ -1,14 +1,15 @@
 """What the Parquet layout costs the reader: tml.reader.layout's files against pyarrow's default writer's.
 
-The same rows (bench_recap.py's synthetic files of a config) in two layouts: `tml` (as the generator and
-`tml-pq rewrite` write them: non-nullable, LZ4, no dictionaries of floats) and `default` (what
-`pq.write_table` writes by default, and Spark and pandas write much the same: nullable, Snappy, dictionaries
-tried on every column), same row groups. For each, alternated `--repeat` times:
+The same rows (bench_recap.py's synthetic files of a config) in three layouts: `tml` (as the generator and
+`tml-pq rewrite` write them: non-nullable, LZ4, no dictionaries of floats, vectors packed), `lists` (the same
+with the vectors as fixed-size lists: `tml-pq rewrite --vectors list`) and `default` (what `pq.write_table`
+writes by default, and Spark and pandas write much the same: nullable, Snappy, dictionaries tried on every
+column, vectors as lists), same row groups. For each, in a rotated order `--repeat` times:
 - `pyarrow`: thread CPU time of `ParquetFile.read_row_group` (one thread, the reader's columns) per row
   group, converted to ms per batch;
 - `reader`: the CPU the reader's threads use per batch (`ParquetDataset.cpu_seconds_per_batch`) while
   `--batches` batches are drawn, shuffling as the config says.
-Ratios per repeat are tml / default (below 1: the tml layout is cheaper).
+Ratios per repeat are against `default` (below 1: cheaper), and tml / lists: what packing gains.
 
     python benchmarks/bench_layout.py [--configs local prod] [--repeat 4] [--batches 200]
 """
@@ -33,6 +34,7 @@ def default_copy(folder: str) -> str:
     import pyarrow.parquet as pq
 
     from tml.reader.layout import with_nullable
+    from tml.reader.vectors import logical_schema, unpack_table
 
     target = folder + "-default"
     if os.path.isdir(target):
@@ -40,10 +42,10 @@ def default_copy(folder: str) -> str:
     os.makedirs(target + ".tmp", exist_ok=True)
     for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))):
         parquet = pq.ParquetFile(path)
-        nullable = with_nullable(parquet.schema_arrow, True)
+        nullable = with_nullable(logical_schema(parquet.schema_arrow), True)
         with pq.ParquetWriter(os.path.join(target + ".tmp", os.path.basename(path)), nullable) as writer:
             for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
+                table = unpack_table(parquet.read_row_group(group))
                 writer.write_table(table.cast(nullable), row_group_size=table.num_rows)
     os.rename(target + ".tmp", target)
     return target
@@ -83,7 +85,11 @@ def measure(name: str, args) -> None:
     rows, row_group, batch_size = size["rows"], size["row_group"], size["batch"]
     path = bench_recap.config_path(name)
     tml_folder = bench_recap.write_data(path, args.work, rows, row_group)
-    folders = {"tml": tml_folder, "default": default_copy(tml_folder)}
+    folders = {
+        "tml": tml_folder,
+        "lists": bench_recap.list_copy(tml_folder),
+        "default": default_copy(tml_folder),
+    }
     config = bench_recap.bench_config(path, args.work)
     labels = task_names(config)
     data = {
@@ -98,20 +104,27 @@ def measure(name: str, args) -> None:
         for layout, folder in folders.items()
     }
     figures: dict[tuple[str, str], list[float]] = {}
+    layouts = list(folders)
     for repeat in range(args.repeat):
-        for layout in ["tml", "default"] if repeat % 2 == 0 else ["default", "tml"]:
+        for layout in layouts[repeat % 3 :] + layouts[: repeat % 3]:
             figures.setdefault(("pyarrow", layout), []).append(
                 pyarrow_ms(folders[layout], columns, batch_size)
             )
             figures.setdefault(("reader", layout), []).append(reader_ms(data[layout], labels, args.batches))
+    files = ", ".join(f"{sizes[layout]:.0f} MiB ({layout})" for layout in layouts)
     print(f"{name}.yaml: {rows:,} rows in row groups of {row_group:,}, batch {batch_size}, {args.repeat} "
-          f"repeats; files {sizes['tml']:.0f} MiB (tml) vs {sizes['default']:.0f} MiB (default)")  # fmt: skip
+          f"repeats; files {files}")  # fmt: skip
+
+    def ratio(what: str, a: str, b: str) -> str:
+        ratios = [x / y for x, y in zip(figures[(what, a)], figures[(what, b)], strict=True)]
+        return f"{a} / {b} {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
     for what in ("pyarrow", "reader"):
-        ours, theirs = figures[(what, "tml")], figures[(what, "default")]
-        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-        print(f"  {what:7s} ms of CPU per batch: tml {statistics.median(ours):.2f}, default "
-              f"{statistics.median(theirs):.2f}: tml / default {statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+        medians = ", ".join(
+            f"{layout} {statistics.median(figures[(what, layout)]):.2f}" for layout in layouts
+        )
+        print(f"  {what:7s} ms of CPU per batch: {medians}; {ratio(what, 'tml', 'default')}, "
+              f"{ratio(what, 'lists', 'default')}, {ratio(what, 'tml', 'lists')}")  # fmt: skip
 
 
 def main() -> None:

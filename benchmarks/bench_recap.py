@@ -14,6 +14,8 @@ in the config's schema is written once under --work, then these variants run, ea
   save_dir, train_log_every_n (the measuring window) and no evaluation (`validation_data={}`,
   `training.eval_every_n=null`, `training.num_eval_steps=null`). Nothing about
   threads or compilation is set, unless --e2e-overrides adds it.
+- `e2e-lists`: `e2e` from a copy of the files with the vectors as lists (`tml-pq rewrite --vectors list`)
+  instead of packed (tml.reader.vectors, what the generator writes): what packing gains.
 
 Precision (--precision): `auto` (the default) runs every variant as tml's `training.mixed_precision: auto`
 picks on this machine (bf16 autocast on a CPU with AMX, fp32 on others; e2e runs the config's own default),
@@ -87,7 +89,7 @@ def write_data(path: str, work: str, rows: int, row_group: int) -> str:
     from tml.reader.layout import COMPRESSION
 
     name = os.path.splitext(os.path.basename(path))[0]
-    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}-{COMPRESSION}")
+    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}-{COMPRESSION}-packed")
     if os.path.exists(os.path.join(folder, "oracle_auc.json")):
         return folder
     data = bench_config(path, work).train_data
@@ -101,6 +103,17 @@ def write_data(path: str, work: str, rows: int, row_group: int) -> str:
         progress=False,
     )
     return folder
+
+
+def list_copy(folder: str) -> str:
+    """`folder`'s files with the vectors as lists (written once, beside it)."""
+    from tml.tools.pq import cmd_rewrite
+
+    lists = f"{folder}-lists"
+    if not os.path.exists(os.path.join(lists, "done")):
+        cmd_rewrite([folder], lists, overwrite=True, vectors="list")
+        open(os.path.join(lists, "done"), "w").close()
+    return lists
 
 
 def wants_bf16(precision: str) -> bool:
@@ -289,7 +302,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["local", "prod"])
     parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     parser.add_argument(
-        "--variants", nargs="+", default=["plain", "core", "e2e"], choices=["plain", "core", "e2e"]
+        "--variants",
+        nargs="+",
+        default=["plain", "core", "e2e"],
+        choices=["plain", "core", "e2e", "e2e-lists"],
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -330,6 +346,8 @@ def main() -> None:
                 for variant in order:
                     if variant == "e2e":
                         result = launch_e2e(args, path, folder, procs)
+                    elif variant == "e2e-lists":
+                        result = launch_e2e(args, path, list_copy(folder), procs)
                     else:
                         result = launch_in_memory(args, path, folder, variant, procs)
                     runs[variant].append(result)
