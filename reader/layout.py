@@ -20,17 +20,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tml.reader.arrow_types import is_list
-from tml.reader.vectors import VECTOR_KEY, logical_schema, pack_field, pack_table, packable, unpack_table
+from tml.reader.vectors import VECTOR_KEY, logical_schema, pack_table, packed_schema, unpack_table
 
 COMPRESSION = "lz4"
-VECTORS = ("binary", "list")
 Vectors = Literal["binary", "list"]
+VECTORS: tuple[str, ...] = get_args(Vectors)
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -80,10 +80,7 @@ def storage_schema(schema: pa.Schema, vectors: Vectors = "binary") -> pa.Schema:
     if vectors not in VECTORS:
         raise ValueError(f"vectors is {vectors!r}, expected one of {list(VECTORS)}")
     schema = logical_schema(schema)
-    if vectors == "list":
-        return schema
-    fields = [pack_field(field) if packable(field) else field for field in schema]
-    return pa.schema(fields, metadata=schema.metadata)
+    return schema if vectors == "list" else packed_schema(schema)
 
 
 class LayoutWriter:

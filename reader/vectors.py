@@ -87,6 +87,13 @@ def logical_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([unpack_field(field) for field in schema], metadata=schema.metadata)
 
 
+def packed_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with every `packable` field packed."""
+    return pa.schema(
+        [pack_field(field) if packable(field) else field for field in schema], metadata=schema.metadata
+    )
+
+
 def pack(array: pa.Array, field: pa.Field) -> pa.Array:
     """A fixed-size list array of the `packable` field -> its packed array over the same memory.
 
@@ -134,6 +141,4 @@ def unpack_table(table: pa.Table) -> pa.Table:
 
 def pack_table(table: pa.Table) -> pa.Table:
     """`table` with every `packable` column packed (zero-copy)."""
-    fields = [pack_field(field) if packable(field) else field for field in table.schema]
-    schema = pa.schema(fields, metadata=table.schema.metadata)
-    return _map_columns(table, schema, pack)
+    return _map_columns(table, packed_schema(table.schema), pack)

@@ -75,8 +75,6 @@ def _iter_batches(
 
 def _unpacked(batch: pa.RecordBatch) -> pa.RecordBatch:
     """`batch` with packed vectors (tml.reader.vectors) as the fixed-size lists they hold."""
-    if logical_schema(batch.schema).equals(batch.schema, check_metadata=True):
-        return batch
     table = unpack_table(pa.Table.from_batches([batch]))
     return pa.RecordBatch.from_arrays([column.chunk(0) for column in table.columns], schema=table.schema)
 
