@@ -11,15 +11,19 @@ import subprocess
 import sys
 
 import pytest
+from torch.distributed import TCPStore
 
 JOB = pathlib.Path(__file__).with_name("torchrun_job.py")
 
 
 def _torchrun(out: pathlib.Path, nnodes: int, nproc: int, port: int) -> list[subprocess.Popen]:
+    # The rendezvous store is this process's (see _run), not a node's: the node whose agent hosts it would
+    # take it down on exiting, and an agent still watching its worker then fails on the broken connection
+    # (torchrun's teardown race, seen on a loaded 2-core box), as in a cluster with an external store.
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=tml-{port}",
-        str(JOB), str(out),
+        "--rdzv_conf=is_host=false", str(JOB), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A session of its own per node: a hung node is killed with its workers (see _run).
@@ -29,6 +33,7 @@ def _torchrun(out: pathlib.Path, nnodes: int, nproc: int, port: int) -> list[sub
 
 def _run(out: pathlib.Path, nnodes: int, nproc: int, port: int) -> list[dict]:
     out.mkdir()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     procs = _torchrun(out, nnodes, nproc, port)
     try:
         logs = [proc.communicate(timeout=300)[0] for proc in procs]
@@ -40,6 +45,7 @@ def _run(out: pathlib.Path, nnodes: int, nproc: int, port: int) -> list[dict]:
         pytest.fail("a node hung for 300 s; their output:\n" + "\n---\n".join(log[-4000:] for log in logs))
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-4000:]
+    del store  # kept until every node has exited
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
