@@ -89,7 +89,7 @@ def write_data(path: str, work: str, rows: int, row_group: int) -> str:
     from tml.reader.layout import COMPRESSION
 
     name = os.path.splitext(os.path.basename(path))[0]
-    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}-{COMPRESSION}-packed")
+    folder = os.path.join(work, "data", f"{name}-{rows}-{row_group}-{COMPRESSION}-where-halved-packed")
     if os.path.exists(os.path.join(folder, "oracle_auc.json")):
         return folder
     data = bench_config(path, work).train_data

@@ -2,7 +2,10 @@
 
 Decoding is most of the reader's CPU, and on a small CPU box the reader shares the cores with training
 (benchmarks/RESULTS.md, "Parquet layout"). Four writer choices make it cheaper without changing a value:
-- LZ4 instead of pyarrow's default Snappy: it decompresses faster, at about the same size;
+- LZ4 (it decompresses faster than pyarrow's default Snappy, at about the same size), and only for the columns
+  it at least halves, judged on the first table written (`column_compression`): integer features and ids
+  shrink 2-12x, floats rarely by 15%, and decompressing those cost the reader more than decoding the rest of
+  the row group (local.yaml: 4.4 ms per row group all LZ4, 2.5 ms so, 1.3 ms uncompressed);
 - dictionary encoding only for columns that are not floating point or packed vectors: float features rarely
   repeat, so their dictionaries overflow and the writer falls back to plain pages after paying for both;
 - `with_nullable(schema, False)` for data that has no nulls (the synthetic generator's): a non-nullable column,
@@ -29,6 +32,8 @@ from tml.reader.arrow_types import is_list
 from tml.reader.vectors import VECTOR_KEY, logical_schema, pack_table, packed_schema, unpack_table
 
 COMPRESSION = "lz4"
+MAX_RATIO = 0.5  # a column is compressed when COMPRESSION stores it in at most this share of its size
+SAMPLE_BYTES = 8 << 20  # of the first table, what `column_compression` measures
 Vectors = Literal["binary", "list"]
 VECTORS: tuple[str, ...] = get_args(Vectors)
 
@@ -48,6 +53,25 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
         for i in range(len(leaves))
         if leaves.column(i).physical_type not in ("FLOAT", "DOUBLE") and leaves.column(i).path not in packed
     ]
+
+
+def column_compression(sample: pa.Table, use_dictionary: list[str]) -> dict[str, str]:
+    """Per Parquet leaf path of `sample`: COMPRESSION where it stores the leaf's pages in at most MAX_RATIO of
+    their size, "none" elsewhere (measured by writing `sample`, with these dictionary columns, in memory)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(sample, sink, compression=COMPRESSION, use_dictionary=use_dictionary)
+    parquet = pq.ParquetFile(pa.BufferReader(sink.getvalue()))
+    sizes = {parquet.schema.column(i).path: [0, 0] for i in range(len(parquet.schema))}
+    for group in range(parquet.metadata.num_row_groups):
+        row_group = parquet.metadata.row_group(group)
+        for index in range(row_group.num_columns):
+            column = row_group.column(index)
+            sizes[column.path_in_schema][0] += column.total_compressed_size
+            sizes[column.path_in_schema][1] += column.total_uncompressed_size
+    return {
+        path: COMPRESSION if stored <= MAX_RATIO * plain else "none"
+        for path, (stored, plain) in sizes.items()
+    }
 
 
 def _with_nullable(dtype: pa.DataType, nullable: bool) -> pa.DataType:
@@ -90,17 +114,29 @@ class LayoutWriter:
         self.schema = logical_schema(schema)
         self.storage = storage_schema(schema, vectors)
         self._packed = vectors == "binary"
-        self._writer = pq.ParquetWriter(
-            where, self.storage, compression=COMPRESSION, use_dictionary=dictionary_columns(self.storage)
+        self._where = where
+        self._dictionary = dictionary_columns(self.storage)
+        self._writer: pq.ParquetWriter | None = None  # opened by the first table: its columns set compression
+
+    def _open(self, first: pa.Table) -> pq.ParquetWriter:
+        rows = max(1, SAMPLE_BYTES * first.num_rows // max(first.nbytes, 1))
+        compression = column_compression(first.slice(0, rows), self._dictionary)
+        return pq.ParquetWriter(
+            self._where, self.storage, compression=compression, use_dictionary=self._dictionary
         )
 
     def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
         """Write `table` (vectors packed or not), cast to the writer's schema; a null where the schema has
         none raises ValueError."""
         table = unpack_table(table).cast(self.schema)
-        self._writer.write_table(pack_table(table) if self._packed else table, row_group_size=row_group_size)
+        table = pack_table(table) if self._packed else table
+        if self._writer is None:
+            self._writer = self._open(table)
+        self._writer.write_table(table, row_group_size=row_group_size)
 
     def close(self) -> None:
+        if self._writer is None:  # nothing written: a file of no rows
+            self._writer = self._open(self.storage.empty_table())
         self._writer.close()
 
     def __enter__(self) -> LayoutWriter:

@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", nargs="+", help="only these columns")
     p = sub.add_parser(
         "rewrite",
-        help="copy the files to --output in the layout tml decodes fastest: LZ4, no dictionaries of "
+        help="copy the files to --output in the layout tml decodes fastest: LZ4 where it halves a column, no dictionaries of "
         "floats, columns without nulls non-nullable, numeric vectors packed; same rows, values and row groups",
     )
     p.add_argument("paths", metavar="PATH", nargs="+")

@@ -1,13 +1,20 @@
-"""tml.reader.layout: the same values, LZ4, dictionaries only off floats, non-nullable where asked, vectors
+"""tml.reader.layout: the same values, LZ4 where it halves a column, dictionaries only off floats, non-nullable where asked, vectors
 packed unless asked for lists."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tml.reader.layout import dictionary_columns, parquet_writer, storage_schema, with_nullable
+from tml.reader.layout import (
+    column_compression,
+    dictionary_columns,
+    parquet_writer,
+    storage_schema,
+    with_nullable,
+)
 from tml.reader.vectors import VECTOR_KEY, pack, pack_table, unpack_table
 
 
@@ -33,7 +40,7 @@ def test_dictionary_columns_are_pyarrows_paths_of_the_leaves_that_are_not_floats
     ]
 
 
-def test_written_files_hold_the_same_values_non_nullable_lz4_and_float_leaves_without_dictionaries(tmp_path):
+def test_written_files_hold_the_same_values_non_nullable_and_float_leaves_without_dictionaries(tmp_path):
     table = _table()
     schema = with_nullable(table.schema, False)
     path = tmp_path / "a.parquet"
@@ -50,7 +57,8 @@ def test_written_files_hold_the_same_values_non_nullable_lz4_and_float_leaves_wi
     assert not back.schema.field("counts").type.item_field.nullable
     group = pq.ParquetFile(path).metadata.row_group(0)
     columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
-    assert {column.compression for column in columns.values()} == {"LZ4"}
+    # Two rows: LZ4 would only add its frame to every leaf.
+    assert {column.compression for column in columns.values()} == {"UNCOMPRESSED"}
     dictionary = {path for path, column in columns.items() if "RLE_DICTIONARY" in column.encodings}
     assert dictionary == {"tags.list.element", "counts.key_value.key", "label", "name"}
 
@@ -127,3 +135,43 @@ def test_with_nullable_true_undoes_false_at_every_level():
         not strict.field("counts").type.item_field.nullable
         and strict.field("counts").type.key_field.nullable is False
     )
+
+
+def test_lz4_only_for_the_columns_it_at_least_halves_judged_on_the_first_table(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 4096
+    table = pa.table(
+        {
+            "noise": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(n * 8, dtype=np.float32)), 8),
+            "flags": pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(0, 2, n * 8)), 8),
+            "score": pa.array(rng.random(n)),
+            "zeros": pa.array(np.zeros(n, dtype=np.float32)),
+        }
+    )
+    schema = with_nullable(table.schema, False)
+    path = tmp_path / "a.parquet"
+    with parquet_writer(str(path), schema) as writer:
+        writer.write_table(table)
+        writer.write_table(table.slice(0, 10))
+    metadata = pq.ParquetFile(path).metadata
+    assert metadata.num_row_groups == 2
+    for group in range(2):
+        row_group = metadata.row_group(group)
+        written = {row_group.column(i).path_in_schema: row_group.column(i).compression for i in range(4)}
+        assert written == {"noise": "UNCOMPRESSED", "flags": "LZ4", "score": "UNCOMPRESSED", "zeros": "LZ4"}
+    assert unpack_table(pq.read_table(path)).to_pylist() == table.to_pylist() + table.slice(0, 10).to_pylist()
+    stored = pack_table(table.cast(schema))
+    assert column_compression(stored, dictionary_columns(stored.schema)) == {
+        "noise": "none",
+        "flags": "lz4",
+        "score": "none",
+        "zeros": "lz4",
+    }
+
+
+def test_a_writer_closed_before_any_table_writes_a_file_of_no_rows(tmp_path):
+    schema = with_nullable(_table().schema, False)
+    with parquet_writer(str(tmp_path / "empty.parquet"), schema):
+        pass
+    back = pq.read_table(tmp_path / "empty.parquet")
+    assert back.num_rows == 0 and unpack_table(back).schema == schema
