@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", nargs="+", help="only these columns")
     p = sub.add_parser(
         "rewrite",
-        help="copy the files to --output in the layout tml decodes fastest: LZ4 where it halves a column, no dictionaries of "
-        "floats, columns without nulls non-nullable, numeric vectors packed; same rows, values and row groups",
+        help="copy the files to --output in the layout tml decodes fastest: LZ4 where it halves a column, "
+        "no dictionaries of floats, columns without nulls non-nullable, numeric vectors packed; same rows, values and row groups",
     )
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--output", required=True, help="folder (or fsspec URL) for the files, same names")

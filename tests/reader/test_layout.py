@@ -1,5 +1,5 @@
-"""tml.reader.layout: the same values, LZ4 where it halves a column, dictionaries only off floats, non-nullable where asked, vectors
-packed unless asked for lists."""
+"""tml.reader.layout: the same values, LZ4 where it halves a column, dictionaries only off floats,
+non-nullable where asked, vectors packed unless asked for lists."""
 
 from __future__ import annotations
 
