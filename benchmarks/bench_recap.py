@@ -14,6 +14,8 @@ in the config's schema is written once under --work, then these variants run, ea
   save_dir, train_log_every_n (the measuring window) and no evaluation (`validation_data={}`,
   `training.eval_every_n=null`, `training.num_eval_steps=null`). Nothing about
   threads or compilation is set, unless --e2e-overrides adds it.
+- `e2e-inline` / `e2e-background`: `e2e` with the training thread decoding between steps
+  (`train_data.num_workers=0`) / with two background decoding threads (`train_data.num_workers=2`).
 - `e2e-lists`: `e2e` from a copy of the files with the vectors as lists (`tml-pq rewrite --vectors list`)
   instead of packed (tml.reader.vectors, what the generator writes): what packing gains.
 
@@ -56,6 +58,8 @@ SIZES = {
     "local": {"rows": 300_000, "row_group": 16_384, "batch": 1024, "steps": 1800, "window": 600},
     "prod": {"rows": 12_288, "row_group": 2_048, "batch": 256, "steps": 150, "window": 50},
 }
+# The reader's two ways of decoding (tml.reader.pipeline), whatever the default picks.
+READERS = {"e2e-inline": ("train_data.num_workers=0",), "e2e-background": ("train_data.num_workers=2",)}
 NO_EVALUATION = ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"]
 _SHIM = (
     "import resource, subprocess, sys\n"
@@ -243,7 +247,7 @@ def launch_in_memory(args, path: str, folder: str, mode: str, procs: int) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def launch_e2e(args, path: str, folder: str, procs: int) -> dict:
+def launch_e2e(args, path: str, folder: str, procs: int, extra: tuple = ()) -> dict:
     """`tml-recap train` from the Parquet files; examples/s of the windows after the first."""
     env = {**os.environ, **_env(args.work)}
     env.pop("OMP_NUM_THREADS", None)
@@ -264,6 +268,7 @@ def launch_e2e(args, path: str, folder: str, procs: int) -> dict:
             }[args.precision]
         ),
         *args.e2e_overrides,
+        *extra,
     ]
     tml_recap = os.path.join(os.path.dirname(sys.executable), "tml-recap")
     entry = ["-m", "tml.projects.home.recap.main"] if procs > 1 else [tml_recap]
@@ -305,7 +310,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["plain", "core", "e2e"],
-        choices=["plain", "core", "e2e", "e2e-lists"],
+        choices=["plain", "core", "e2e", "e2e-inline", "e2e-background", "e2e-lists"],
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -346,6 +351,8 @@ def main() -> None:
                 for variant in order:
                     if variant == "e2e":
                         result = launch_e2e(args, path, folder, procs)
+                    elif variant in READERS:
+                        result = launch_e2e(args, path, folder, procs, extra=READERS[variant])
                     elif variant == "e2e-lists":
                         result = launch_e2e(args, path, list_copy(folder), procs)
                     else:

@@ -19,6 +19,10 @@ measures, once per process, over the first steps:
    benchmarks/RESULTS.md, "bf16 autocast on AMX", the thread trial);
 3. the faster count is kept (the full share must win by `margin`), and the decision is logged.
 
+A reader that decodes in the training thread (`train_data.num_workers: 0`, the automatic choice on up to
+2 cores: tml.reader.pipeline.resolve_num_workers) runs no thread beside torch's, so torch gets the whole share
+at once and nothing is measured.
+
 Windows last at least `window_steps` steps and `window_seconds` of step time (logging, checkpoints and
 evaluations between steps are not counted). A resumed run measures again. The decision depends on timing,
 and a different thread count changes floating-point results in their last bits: set `training.num_threads`
@@ -134,9 +138,18 @@ def thread_tuner(
     """A ThreadTuner when the thread count is automatic (no `requested`, no OMP_NUM_THREADS), the model
     trains on the CPU, the data reports its CPU cost (`cpu_seconds_per_batch()`) and a core was kept for
     the reader. Not for a `compiled` model: torch.compile's graphs guard on the thread count, so each
-    change would recompile every compiled part, inside the windows that time it."""
+    change would recompile every compiled part, inside the windows that time it. When the reader decodes
+    in the training thread (`decodes_inline`), torch gets the whole share here, before the first step (so
+    before anything is compiled), and there is no tuner."""
     reader = getattr(train_data, "cpu_seconds_per_batch", None)
-    if requested is not None or os.environ.get("OMP_NUM_THREADS") or env.device.type != "cpu" or compiled:
+    if requested is not None or os.environ.get("OMP_NUM_THREADS") or env.device.type != "cpu":
+        return None
+    if getattr(train_data, "decodes_inline", False):
+        if torch.get_num_threads() < cpu_share():
+            torch.set_num_threads(cpu_share())
+            logger.info("torch CPU threads: %d (the data reader decodes in the training thread)", cpu_share())
+        return None
+    if compiled:
         return None
     if reader is None or torch.get_num_threads() >= cpu_share():
         return None

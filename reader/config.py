@@ -246,7 +246,12 @@ class DataSource(BaseConfig):
         None, description="Numeric column of per-example weights (multiplies every task's weight)."
     )
     preprocess: Preprocess = pydantic.Field(default_factory=Preprocess, description="Preprocessing.")
-    num_workers: int = pydantic.Field(2, ge=1, description="Background threads decoding row groups.")
+    num_workers: int | None = pydantic.Field(
+        None,
+        ge=0,
+        description="Background threads decoding row groups; 0: the consuming (training) thread decodes "
+        "between steps; null: 0 in a process with at most 2 cores and no CUDA device, else 2.",
+    )
     prefetch_batches: int = pydantic.Field(
         4, ge=1, description="Capacity of the queue of ready batches (bounds memory)."
     )

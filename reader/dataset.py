@@ -36,7 +36,7 @@ from tml.core.config.loader import ConfigError
 from tml.reader.config import DataConfig, DataSource, ValidationDataConfig
 from tml.reader.decoder import DataError, Decoder
 from tml.reader.fs import list_inputs, open_input
-from tml.reader.pipeline import BatchIterator, Source
+from tml.reader.pipeline import BatchIterator, Source, resolve_num_workers
 from tml.reader.ranking import ranking_decoder
 from tml.reader.sharding import EpochPlan, Unit, epoch_plan
 from tml.reader.state import DataPlan, InputFiles, Position, decode_state, encode_state, replan
@@ -64,7 +64,8 @@ class ParquetDataset(Generic[BatchT]):
         rank / world_size: this process's place among the readers.
         num_epochs: passes over the data, None for endless.
         seed / shuffle_units / buffer_size: shuffling (see tml.reader.sharding).
-        num_workers / prefetch_batches: decoding threads and ready-batch queue size.
+        num_workers / prefetch_batches: decoding threads (0: the consuming thread decodes; None: auto,
+            tml.reader.pipeline.resolve_num_workers) and ready-batch queue size.
         skip_unreadable_files: skip (count, log) files that are not Parquet instead of raising.
 
     `stats` counts files, unreadable files, row groups, rows, rows decoded, batches, and the decoder's own
@@ -82,7 +83,7 @@ class ParquetDataset(Generic[BatchT]):
         seed: int,
         shuffle_units: bool,
         buffer_size: int,
-        num_workers: int,
+        num_workers: int | None,
         prefetch_batches: int,
         skip_unreadable_files: bool,
     ) -> None:
@@ -93,6 +94,7 @@ class ParquetDataset(Generic[BatchT]):
                 f"global_batch_size {global_batch_size} is not divisible by the world size {world_size}: "
                 f"use a multiple of {world_size}"
             )
+        num_workers = resolve_num_workers(num_workers)
         fs, paths = list_inputs(inputs)
         self.stats: dict[str, int] = dict.fromkeys(
             ["files", "unreadable_files", "row_groups", "empty_row_groups", "rows", "rows_read", "batches",
@@ -173,6 +175,11 @@ class ParquetDataset(Generic[BatchT]):
                     self.stats["unreadable_files"] += 1
                     footers.append(None)
         return footers
+
+    @property
+    def decodes_inline(self) -> bool:
+        """Whether the consuming thread decodes (num_workers 0) instead of background threads."""
+        return self._source.num_workers == 0
 
     def cpu_seconds_per_batch(self) -> float | None:
         """CPU seconds the reading threads spend per batch (decoding, shuffling, batching; waiting costs

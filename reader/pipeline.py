@@ -1,16 +1,25 @@
-"""Background decoding: a driver thread feeds row groups to decoding threads and cuts batches in order.
+"""Decoding row groups into batches, in background threads or in the consuming thread.
 
-decode threads (num_workers)  ->  driver thread (windows, shuffling, batching)  ->  bounded queue  ->  consumer
-Row groups are decoded in parallel (pyarrow releases the GIL) but consumed in plan order, so the stream is
-deterministic. What a row is stays the decoder's business (tml.reader.decoder): the threads only read its
-columns, call `decode`, cut, permute and join chunks with their row operations and call `to_batch`. At most about 2 x num_workers row groups, one shuffle window and `prefetch_batches` batches
-are held at a time. An exception in any thread reaches the consumer, with the file named in its message.
-The threads reference neither the iterator nor the dataset, so closing or dropping the iterator stops them;
-iterators still open at interpreter exit are closed by an atexit hook (a daemon thread inside a torch op
-when the interpreter finalizes can abort the process: "terminate called without an active exception").
-Each reader thread runs its torch ops on one OpenMP thread (tml.reader.torch_threads).
-The CPU time they use (decoding, shuffling, batching) is summed in `Source.cpu`: a training process sizes
-torch's threads by it (tml.core.cpu_threads).
+num_workers >= 1:  decode threads  ->  driver thread (windows, shuffling, batching)  ->  bounded queue  ->  consumer
+num_workers = 0:   the consumer's next() decodes a window when it reaches it, then cuts its batches
+Both run one generator of batches (`_batches`), so the stream is the same, deterministic, either way: row groups
+are decoded in parallel (pyarrow releases the GIL) but consumed in plan order. What a row is stays the
+decoder's business (tml.reader.decoder): the reader only reads its columns, calls `decode`, cuts, permutes
+and joins chunks with their row operations and calls `to_batch`. At most about 2 x num_workers row groups
+(one with num_workers = 0), one shuffle window and `prefetch_batches` batches are held at a time. An
+exception reaches the consumer with the file named in its message. The threads reference neither the
+iterator nor the dataset, so closing or dropping the iterator stops them; iterators still open at
+interpreter exit are closed by an atexit hook (a daemon thread inside a torch op when the interpreter
+finalizes can abort the process: "terminate called without an active exception"). Each reader thread runs
+its torch ops on one OpenMP thread (tml.reader.torch_threads); inline, they run on the consumer's threads.
+The CPU time spent decoding, shuffling and batching is summed in `Source.cpu` (the consumer's only while its
+next() decodes): a training process sizes torch's threads by it (tml.core.cpu_threads).
+
+Why decode in the consuming thread: on a machine with no core to spare (up to 2 cores per process, CPU
+training) background threads take their CPU from torch's OpenMP threads, which then wait for each other at
+every parallel region, and their Python work contends for the GIL: local.yaml trained at 0.82 of a plain
+loop on in-memory batches with two decoding threads and at 0.89 decoding between steps, prod.yaml at 0.98
+and 0.99 (benchmarks/RESULTS.md, "End to end"). `resolve_num_workers(None)` picks accordingly.
 
 Example:
     it = BatchIterator(source, start_epoch=0, skip_rows=0, stats={}, on_batch=lambda: None)
@@ -24,6 +33,7 @@ import atexit
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -34,11 +44,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from tml.core.distributed import cpu_share
 from tml.reader.decoder import Chunk, DataError, Decoder, location
 from tml.reader.fs import open_input
 from tml.reader.sharding import EpochPlan, Unit, Window, window_permutation
 from tml.reader.torch_threads import use_one_torch_thread
 
+AUTO_INLINE_MAX_CORES = 2  # measured on 2 cores (benchmarks/RESULTS.md, "End to end"); not above
 _END = object()
 _POLL_S = 0.1
 
@@ -77,10 +89,22 @@ class Source:
     cpu: CpuMeter = dataclasses.field(default_factory=CpuMeter)
 
 
+def resolve_num_workers(num_workers: int | None) -> int:
+    """`num_workers`, or for None (auto) 0 where this process has at most 2 cores and no CUDA device (the
+    training thread decodes between steps: background threads would take their CPU from torch's OpenMP
+    threads, which wait for each other at every parallel region), else 2 background threads."""
+    if num_workers is not None:
+        return num_workers
+    import torch.cuda
+
+    return 0 if cpu_share() <= AUTO_INLINE_MAX_CORES and not torch.cuda.is_available() else 2
+
+
 def decode_unit(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:
+    """One unit's (chunk, counters), its CPU time added to `source.cpu` (decoding threads)."""
     start = time.thread_time()
     result = _decode(source, unit)
-    source.cpu.add(time.thread_time() - start, result[0].num_rows)
+    source.cpu.add(time.thread_time() - start)
     return result
 
 
@@ -101,6 +125,16 @@ def _decode(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:
         raise DataError(f"{location(path, unit.row_group)}: cannot decode: {error}") from error
 
 
+class _Deferred:
+    """A unit decoded when its result is asked for, in the asking thread (num_workers = 0)."""
+
+    def __init__(self, source: Source, unit: Unit) -> None:
+        self.source, self.unit = source, unit
+
+    def result(self, timeout: float | None = None) -> tuple[Chunk, dict[str, int]]:
+        return _decode(self.source, self.unit)
+
+
 def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
     while not stop.is_set():
         try:
@@ -111,7 +145,7 @@ def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
     return False
 
 
-def _result(future: concurrent.futures.Future, stop: threading.Event) -> tuple[Chunk, dict] | None:
+def _result(future, stop: threading.Event) -> tuple[Chunk, dict] | None:
     """The future's (chunk, counters), or None once `stop` is set (a long decode must not delay closing)."""
     while not stop.is_set():
         try:
@@ -133,24 +167,23 @@ def _windows(source: Source, start_epoch: int, skip_rows: int) -> Iterator[tuple
         epoch, skip_rows = epoch + 1, 0
 
 
-def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: dict) -> None:
-    use_one_torch_thread()  # the reader's torch ops must not run OpenMP teams beside the training's
-    pool = concurrent.futures.ThreadPoolExecutor(
-        source.num_workers, thread_name_prefix="tml-reader-decode", initializer=use_one_torch_thread
-    )
+def _batches(
+    source: Source,
+    start_epoch: int,
+    skip_rows: int,
+    stats: dict,
+    submit: Callable[[Unit], Any],
+    stop: threading.Event,
+) -> Iterator[Any]:
+    """The stream's batches: windows joined, permuted and cut. `submit(unit)` returns an object whose
+    `result(timeout)` is the unit's (chunk, counters); up to 2 x num_workers units are submitted ahead of
+    the window being cut (none with num_workers = 0: each window is decoded when it is reached)."""
     pending: collections.deque = collections.deque()
     held: list[Chunk] = []
     held_rows = 0
-    clock = [time.thread_time()]  # this thread's CPU time; waiting on queues and futures adds none
 
-    def count_cpu() -> None:
-        now = time.thread_time()
-        source.cpu.add(now - clock[0])
-        clock[0] = now
-
-    def emit(rows: int) -> bool:
+    def cut(rows: int) -> Any:
         nonlocal held, held_rows
-        count_cpu()
         parts, taken = [], 0
         while taken < rows:
             chunk = held[0]
@@ -163,55 +196,76 @@ def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: d
                 held[0] = chunk.slice(need, chunk.num_rows)
                 taken = rows
         held_rows -= rows
-        return _put(out, source.decoder.to_batch(parts[0].concat(parts)), stop)
+        return source.decoder.to_batch(parts[0].concat(parts))
 
-    try:
-        work = _windows(source, start_epoch, skip_rows)
-        exhausted = False
-        while not stop.is_set():
-            in_flight = sum(len(futures) for _, _, futures in pending)
-            while not exhausted and (not pending or in_flight < 2 * source.num_workers):
-                window, drop = next(work, (_END, 0))
-                if window is _END:
-                    exhausted = True
-                    break
-                futures = [pool.submit(decode_unit, source, unit) for unit in window.units] if window else []
-                pending.append((window, drop, futures))
-                in_flight += len(futures)
-            if not pending:
-                _put(out, _END, stop)
+    work = _windows(source, start_epoch, skip_rows)
+    exhausted = False
+    while not stop.is_set():
+        in_flight = sum(len(futures) for _, _, futures in pending)
+        while not exhausted and (not pending or in_flight < 2 * source.num_workers):
+            window, drop = next(work, (_END, 0))
+            if window is _END:
+                exhausted = True
+                break
+            futures = [submit(unit) for unit in window.units] if window else []
+            pending.append((window, drop, futures))
+            in_flight += len(futures)
+        if not pending:
+            return
+        window, drop, futures = pending.popleft()
+        if window is None:  # end of an epoch: the rank's last, smaller batch
+            if held_rows:
+                yield cut(held_rows)
+            continue
+        chunks = []
+        for future in futures:
+            result = _result(future, stop)
+            if result is None:
                 return
-            window, drop, futures = pending.popleft()
-            if window is None:  # end of an epoch: the rank's last, smaller batch
-                if held_rows and not emit(held_rows):
-                    return
-                continue
-            chunks = []
-            for future in futures:
-                result = _result(future, stop)
-                if result is None:
-                    return
-                chunk, counts = result
-                chunks.append(chunk)
-                stats["rows_read"] += chunk.num_rows
-                for key, count in counts.items():
-                    stats[key] = stats.get(key, 0) + count
-            block = chunks[0].concat(chunks)
-            permutation = window_permutation(window)
-            if permutation is not None:
-                block = block.take(torch.from_numpy(permutation))
-            if drop:
-                block = block.slice(drop, block.num_rows)
-            held.append(block)
-            held_rows += block.num_rows
-            while held_rows >= source.batch_size:
-                if not emit(source.batch_size):
-                    return
+            chunk, counts = result
+            chunks.append(chunk)
+            source.cpu.add(0.0, chunk.num_rows)
+            stats["rows_read"] += chunk.num_rows
+            for key, count in counts.items():
+                stats[key] = stats.get(key, 0) + count
+        block = chunks[0].concat(chunks)
+        permutation = window_permutation(window)
+        if permutation is not None:
+            block = block.take(torch.from_numpy(permutation))
+        if drop:
+            block = block.slice(drop, block.num_rows)
+        held.append(block)
+        held_rows += block.num_rows
+        while held_rows >= source.batch_size:
+            yield cut(source.batch_size)
+
+
+def _timed_next(batches: Iterator[Any], cpu: CpuMeter) -> Any:
+    """next(batches) (_END at the end), its CPU time in this thread added to `cpu`."""
+    start = time.thread_time()
+    try:
+        return next(batches, _END)
+    finally:
+        cpu.add(time.thread_time() - start)
+
+
+def _drive(source: Source, start_epoch: int, skip_rows: int, out, stop, stats: dict) -> None:
+    use_one_torch_thread()  # the reader's torch ops must not run OpenMP teams beside the training's
+    pool = concurrent.futures.ThreadPoolExecutor(
+        source.num_workers, thread_name_prefix="tml-reader-decode", initializer=use_one_torch_thread
+    )
+    try:
+        batches = _batches(
+            source, start_epoch, skip_rows, stats, lambda unit: pool.submit(decode_unit, source, unit), stop
+        )
+        while True:  # waiting on the decoding threads costs this thread no CPU time
+            batch = _timed_next(batches, source.cpu)
+            if not _put(out, batch, stop) or batch is _END:
+                return
     except BaseException as error:
         _put(out, _Failure(error), stop)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        count_cpu()
 
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # BatchIterators not closed yet
@@ -224,7 +278,8 @@ def _close_open_iterators() -> None:
 
 
 class BatchIterator:
-    """Iterator of the decoder's batches produced by background threads; `close()` (or GC) stops them."""
+    """Iterator of the decoder's batches, produced by background threads (num_workers >= 1) or in the
+    calling thread (num_workers = 0); `close()` (or GC) stops them."""
 
     def __init__(
         self,
@@ -238,13 +293,20 @@ class BatchIterator:
         self._stop = threading.Event()
         self._on_batch = on_batch
         self._done = False
-        self._thread = threading.Thread(
-            target=_drive,
-            args=(source, start_epoch, skip_rows, self._queue, self._stop, stats),
-            name="tml-reader-driver",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._inline: Iterator[Any] | None = None
+        self._cpu = source.cpu
+        if source.num_workers == 0:
+            submit = functools.partial(_Deferred, source)
+            self._inline = _batches(source, start_epoch, skip_rows, stats, submit, self._stop)
+        else:
+            self._thread = threading.Thread(
+                target=_drive,
+                args=(source, start_epoch, skip_rows, self._queue, self._stop, stats),
+                name="tml-reader-driver",
+                daemon=True,
+            )
+            self._thread.start()
         _OPEN.add(self)
 
     def __iter__(self) -> BatchIterator:
@@ -253,14 +315,7 @@ class BatchIterator:
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
-        while True:
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    self.close()
-                    raise RuntimeError("the reader's driver thread ended without a result") from None
+        item = self._next_inline() if self._inline is not None else self._next_queued()
         if item is _END:
             self.close()
             raise StopIteration
@@ -270,17 +325,35 @@ class BatchIterator:
         self._on_batch()
         return item
 
+    def _next_inline(self) -> Any:
+        try:
+            return _timed_next(self._inline, self._cpu)
+        except BaseException:
+            self.close()
+            raise
+
+    def _next_queued(self) -> Any:
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self.close()
+                    raise RuntimeError("the reader's driver thread ended without a result") from None
+
     def close(self) -> None:
         """Stop the threads and drop the batches still queued."""
         self._done = True
         self._stop.set()
         _OPEN.discard(self)
+        if self._inline is not None:
+            self._inline.close()
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        if self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     def __del__(self) -> None:

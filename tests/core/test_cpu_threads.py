@@ -133,3 +133,38 @@ def test_the_tuner_runs_only_when_threads_are_automatic(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert thread_tuner(None, cpu, Data()) is None
+
+
+def test_a_reader_decoding_in_the_training_thread_leaves_torch_the_whole_share(monkeypatch):
+    from tml.core.cpu_threads import thread_tuner
+    from tml.core.distributed import DistEnv
+
+    class Inline:
+        decodes_inline = True
+
+        def cpu_seconds_per_batch(self):
+            return 0.01
+
+    machine = _Machine(monkeypatch, {1: 1.0, 2: 0.9})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cpu = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+    assert thread_tuner(1, cpu, Inline()) is None and machine.threads == 1  # training.num_threads set
+    assert thread_tuner(None, cpu, Inline()) is None  # nothing to measure
+    assert machine.threads == 2
+
+
+def test_auto_decodes_inline_on_up_to_two_cores_without_cuda(monkeypatch):
+    from tml.reader.pipeline import resolve_num_workers
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cores, expected in ((1, 0), (2, 0), (3, 2), (16, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert resolve_num_workers(None) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 16 cores, 8 processes: 2 each
+    assert resolve_num_workers(None) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_num_workers(None) == 2
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(3) == 3  # a set count wins

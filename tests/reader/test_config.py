@@ -97,7 +97,7 @@ def test_bad_masks(tmp_path):
             "duplicate names",
         ),
         ({"global_batch_size": 0}, "greater than 0"),
-        ({"num_workers": 0}, "greater than or equal to 1"),
+        ({"num_workers": -1}, "greater than or equal to 0"),
         ({"unknown_key": 1}, "Extra inputs are not permitted"),
     ],
 )

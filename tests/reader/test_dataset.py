@@ -197,3 +197,27 @@ def test_cpu_cost_per_batch_counts_the_reading_threads(files, rd):
     cost = dataset.cpu_seconds_per_batch()
     # Every row decoded once, and its CPU time counted: a positive cost, far from a second per tiny batch.
     assert dataset._source.cpu.rows == rows and 0 < cost < 1.0
+
+
+def test_inline_decoding_yields_the_threads_stream_in_the_calling_thread(files, rd):
+    def stream(workers):
+        config = rd.base_config(str(files), num_workers=workers, shuffle={"seed": 1, "buffer_size": 16})
+        dataset = build_dataset(config, ["click"])
+        batches = list(dataset)
+        return dataset, [
+            (b.ids["uid"].tolist(), b.labels.tolist(), b.dense["continuous"].tolist()) for b in batches
+        ]
+
+    threads, expected = stream(2)
+    before = set(_reader_threads())
+    dataset, inline = stream(0)
+    assert inline == expected
+    assert set(_reader_threads()) <= before  # no thread of its own
+    # Its CPU time is counted too (the training process sizes torch's threads by it), per decoded row.
+    assert dataset._source.cpu.rows == threads._source.cpu.rows == 72
+    assert 0 < dataset.cpu_seconds_per_batch() < 1.0
+    iterator = iter(dataset)
+    next(iterator)
+    iterator.close()
+    with pytest.raises(StopIteration):
+        next(iterator)

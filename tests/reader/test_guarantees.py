@@ -1,4 +1,5 @@
-"""The engine's guarantees, checked through both decoders (ranking RecapBatch-es and TwHIN EdgeBatch-es).
+"""The engine's guarantees, checked through both decoders (ranking RecapBatch-es and TwHIN EdgeBatch-es)
+and both ways of decoding (background threads, num_workers = 2, and the consuming thread, num_workers = 0).
 
 Every row exactly once per epoch on 1 and several ranks (one dataset per rank in one process), short last
 batches kept, the stream after a resume equal to the tail of the uninterrupted one, and decode errors
@@ -42,6 +43,11 @@ def kind(request):
     return request.param
 
 
+@pytest.fixture(params=[2, 0], ids=["threads", "inline"])
+def workers(request):
+    return request.param
+
+
 @pytest.fixture
 def data(kind, rd, tmp_path):
     """Files of 40, 7 and 25 rows (row ids 0..71, row groups of 16, 16, 10) and an empty one."""
@@ -50,16 +56,16 @@ def data(kind, rd, tmp_path):
     return tmp_path
 
 
-def _dataset(kind, rd, inputs, global_batch_size, rank=0, world_size=1, num_epochs=2, buffer_size=8):
+def _dataset(kind, rd, inputs, global_batch_size, workers, rank=0, world_size=1, num_epochs=2, buffer_size=8):
     if kind == "ranking":
         config = rd.base_config(
             str(inputs), global_batch_size=global_batch_size, num_epochs=num_epochs,
-            shuffle={"seed": 3, "buffer_size": buffer_size},
+            shuffle={"seed": 3, "buffer_size": buffer_size}, num_workers=workers,
         )  # fmt: skip
         return build_dataset(config, ["click"], rank=rank, world_size=world_size)
     return build_edge_dataset(
         str(inputs), RELATIONS, global_batch_size, rank=rank, world_size=world_size, num_epochs=num_epochs,
-        seed=3, buffer_size=buffer_size,
+        seed=3, buffer_size=buffer_size, num_workers=workers,
     )  # fmt: skip
 
 
@@ -68,11 +74,11 @@ def _row_ids(batch) -> np.ndarray:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_row_once_per_epoch_and_short_last_batches_kept(kind, data, rd, world_size):
+def test_every_row_once_per_epoch_and_short_last_batches_kept(kind, data, rd, world_size, workers):
     per_rank = 5
     seen = [[] for _ in range(2)]
     for rank in range(world_size):
-        dataset = _dataset(kind, rd, data, per_rank * world_size, rank, world_size)
+        dataset = _dataset(kind, rd, data, per_rank * world_size, workers, rank, world_size)
         batches = list(dataset)  # ends on its own: nothing waits for the other ranks
         assert len(batches) == dataset.num_batches()
         start = 0
@@ -90,19 +96,19 @@ def test_every_row_once_per_epoch_and_short_last_batches_kept(kind, data, rd, wo
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_stream_after_resume_equals_the_tail(kind, data, rd, world_size):
+def test_stream_after_resume_equals_the_tail(kind, data, rd, world_size, workers):
     for rank in range(world_size):
-        reference = _dataset(kind, rd, data, 6, rank, world_size, num_epochs=3)
+        reference = _dataset(kind, rd, data, 6, workers, rank, world_size, num_epochs=3)
         full = [_row_ids(batch) for batch in reference]
         for n in (1, len(full) // 2, len(full) - 1, len(full)):
-            dataset = _dataset(kind, rd, data, 6, rank, world_size, num_epochs=3)
+            dataset = _dataset(kind, rd, data, 6, workers, rank, world_size, num_epochs=3)
             dataset.load_state_dict(json.loads(json.dumps(reference.state_dict(n))))
             tail = [_row_ids(batch) for batch in dataset]
             assert len(tail) == len(full) - n
             assert all(np.array_equal(a, b) for a, b in zip(tail, full[n:], strict=True))
 
 
-def test_decode_errors_name_file_row_group_and_column(kind, data, rd):
+def test_decode_errors_name_file_row_group_and_column(kind, data, rd, workers):
     if kind == "ranking":
         bad = rd.make_table(10, 40)
         lists = [[1, 0, 1, 1]] * 6 + [[1, 0]] + [[0, 0, 0, 0]] * 3
@@ -114,4 +120,4 @@ def test_decode_errors_name_file_row_group_and_column(kind, data, rd):
         message = r"b\.parquet \(row group 1\): column 'lhs' row 2: id 1000 is outside \[0, 1000\)"
     pq.write_table(bad, data / "b.parquet", row_group_size=4)  # row 6 is row 2 of row group 1
     with pytest.raises(DataError, match=message):
-        list(_dataset(kind, rd, data, 6))
+        list(_dataset(kind, rd, data, 6, workers))

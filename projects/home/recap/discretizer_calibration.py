@@ -49,6 +49,7 @@ from tml.projects.home.recap.model.discretizer import (
 )
 from tml.projects.home.recap.model.sparse_linear import calibration_settings
 from tml.reader.fs import filesystem_for, list_inputs, open_input
+from tml.reader.pipeline import resolve_num_workers
 from tml.reader.ranking import DecodePlan, check_schema, decode_table, sparse_values
 from tml.reader.schema import resolve_dense_specs
 from tml.reader.sparse import SparseContinuousSpec, stable_hash
@@ -265,14 +266,15 @@ def calibrate_discretizer(config, overwrite: bool) -> str:
     env = run.start(config.training)
     start = time.perf_counter()
     fs, paths = list_inputs(data.inputs)
-    with concurrent.futures.ThreadPoolExecutor(max(data.num_workers, 4)) as pool:
+    workers = max(resolve_num_workers(data.num_workers), 1)  # this command decodes in a pool of its own
+    with concurrent.futures.ThreadPoolExecutor(max(workers, 4)) as pool:
         footers = list(pool.map(lambda p: _footer(fs, p, plan), paths))
     units = sample_units(paths, [[f.row_group(g).num_rows for g in range(f.num_row_groups)] for f in footers],
                          settings.max_rows)  # fmt: skip
     mine = units[env.rank :: env.world_size]
     offsets = _offsets(inputs)
     sketch, rows = QuantileSketch(settings.relative_accuracy), 0
-    with concurrent.futures.ThreadPoolExecutor(data.num_workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         jobs = [
             pool.submit(_sketch_unit, fs, paths[f], g, plan, inputs, offsets, settings.relative_accuracy)
             for f, g in mine

@@ -154,7 +154,11 @@ class EdgeInputConfig(BaseConfig):
         description="Read at most N edges, from `offset` on in file order; None: all. offset/limit carve "
         "disjoint slices out of the same files (rows outside are read and dropped).",
     )
-    num_workers: int = _F(2, ge=1, description="Background threads decoding row groups.")
+    num_workers: int = _F(
+        2,
+        ge=0,
+        description="Background threads decoding row groups; 0: the training thread decodes between steps.",
+    )
     prefetch_batches: int = _F(4, ge=1, description="Ready batches queued ahead.")
     skip_unreadable_files: bool = _F(
         False, description="Skip (count, log) files that are not Parquet instead of failing."
