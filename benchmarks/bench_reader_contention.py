@@ -5,7 +5,8 @@ the sharded tables' fused optimizer), or with `--loop tml` tml's training loop (
 pipeline and the config's optimizers, no logging), is fed, in rotation and `--repeat` times each:
 - `cycled`: 8 batches decoded before timing, cycled (the plain reference of bench_recap.py);
 - `fresh`: as many distinct batches as a run takes, decoded before timing (is it the data's novelty?);
-- `reader`: the live reader (tml.reader's background threads) over the same Parquet files;
+- `reader`: the live reader (tml.reader's background threads, `num_workers: 2` whatever the default picks)
+  over the same Parquet files;
 - `idle`: the same with its threads scheduled as Linux's SCHED_IDLE (a prototype, not in tml.reader: they then
   run only on cores nothing else wants, so torch's OpenMP threads take theirs back at once; `--sources` to
   include it);
@@ -77,7 +78,12 @@ def main() -> None:
     env = init_distributed("gloo", "cpu")
     torch.set_num_threads(args.threads)
     data = config.train_data.model_copy(
-        update={"inputs": os.path.join(folder, "*.parquet"), "global_batch_size": batch_size}
+        # Background threads, whatever the default picks (on 2 cores it decodes in the training thread).
+        update={
+            "inputs": os.path.join(folder, "*.parquet"),
+            "global_batch_size": batch_size,
+            "num_workers": 2,
+        }
     )
     dataset = build_dataset(data, task_names(config), 0, 1)
     iterator = iter(dataset)
