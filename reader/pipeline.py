@@ -51,6 +51,7 @@ from tml.reader.sharding import EpochPlan, Unit, Window, window_permutation
 from tml.reader.torch_threads import use_one_torch_thread
 
 AUTO_INLINE_MAX_CORES = 2  # measured on 2 cores (benchmarks/RESULTS.md, "End to end"); not above
+BACKGROUND_WORKERS = 2  # decoding threads where auto does not decode inline
 _END = object()
 _POLL_S = 0.1
 
@@ -92,12 +93,11 @@ class Source:
 def resolve_num_workers(num_workers: int | None) -> int:
     """`num_workers`, or for None (auto) 0 where this process has at most 2 cores and no CUDA device (the
     training thread decodes between steps: background threads would take their CPU from torch's OpenMP
-    threads, which wait for each other at every parallel region), else 2 background threads."""
+    threads, which wait for each other at every parallel region), else BACKGROUND_WORKERS threads."""
     if num_workers is not None:
         return num_workers
-    import torch.cuda
-
-    return 0 if cpu_share() <= AUTO_INLINE_MAX_CORES and not torch.cuda.is_available() else 2
+    inline = cpu_share() <= AUTO_INLINE_MAX_CORES and not torch.cuda.is_available()
+    return 0 if inline else BACKGROUND_WORKERS
 
 
 def decode_unit(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:

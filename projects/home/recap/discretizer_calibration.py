@@ -49,7 +49,7 @@ from tml.projects.home.recap.model.discretizer import (
 )
 from tml.projects.home.recap.model.sparse_linear import calibration_settings
 from tml.reader.fs import filesystem_for, list_inputs, open_input
-from tml.reader.pipeline import resolve_num_workers
+from tml.reader.pipeline import BACKGROUND_WORKERS
 from tml.reader.ranking import DecodePlan, check_schema, decode_table, sparse_values
 from tml.reader.schema import resolve_dense_specs
 from tml.reader.sparse import SparseContinuousSpec, stable_hash
@@ -266,7 +266,8 @@ def calibrate_discretizer(config, overwrite: bool) -> str:
     env = run.start(config.training)
     start = time.perf_counter()
     fs, paths = list_inputs(data.inputs)
-    workers = max(resolve_num_workers(data.num_workers), 1)  # this command decodes in a pool of its own
+    # This command decodes in a pool of its own, with no training beside it: auto means the background count.
+    workers = max(BACKGROUND_WORKERS if data.num_workers is None else data.num_workers, 1)
     with concurrent.futures.ThreadPoolExecutor(max(workers, 4)) as pool:
         footers = list(pool.map(lambda p: _footer(fs, p, plan), paths))
     units = sample_units(paths, [[f.row_group(g).num_rows for g in range(f.num_row_groups)] for f in footers],
