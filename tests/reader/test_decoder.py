@@ -103,3 +103,18 @@ def test_tensor_chunk_row_operations_keep_jagged_rows_together():
     picked = both.take(torch.tensor([4, 0, 3]))
     assert picked.tensors["x"][:, 0].tolist() == [2, 0, 1]
     assert picked.jagged["j"][0].tolist() == [9, 7, 8] and picked.jagged["j"][1].tolist() == [0, 1, 3, 3]
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 1, 1], [2, 2, 2, 2], [0, 0, 0, 0], [1, 0, 2, 1], [0, 0, 0, 4]])
+def test_tensor_chunk_take_of_jagged_rows_matches_a_row_by_row_gather(lengths):
+    # Equal lengths take the row-gather shortcut, others the general gather: both give each row's values.
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    values = torch.arange(100, 100 + int(offsets[-1]))
+    chunk = TensorChunk(4, {"x": torch.arange(4)}, {"j": (values, offsets)})
+    rows = torch.tensor([3, 0, 3, 2])
+    picked_values, picked_offsets = chunk.take(rows).jagged["j"]
+    expected = [values[offsets[r] : offsets[r + 1]].tolist() for r in rows.tolist()]
+    got = [picked_values[picked_offsets[i] : picked_offsets[i + 1]].tolist() for i in range(4)]
+    assert (
+        got == expected and picked_offsets.dtype == torch.int64 and picked_offsets[-1] == len(picked_values)
+    )
