@@ -326,7 +326,10 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        from tml.core.distributed import shutdown
+
         result = run_in_memory(args)
+        shutdown()  # gloo's threads left running at interpreter exit can abort it (seen once in ~10 runs)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
         return
