@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import hashlib
 import os
 import sys
@@ -177,7 +178,14 @@ _TORCHREC_GROUP_CACHES = ("_INTRA_PG", "_CROSS_PG", "_INTRA_PG_2D", "_CROSS_PG_2
 
 
 def shutdown() -> None:
-    """Destroy the process groups if any exist, torchrec's cached ones with them (safe to call twice)."""
+    """Destroy the process groups if any exist, torchrec's cached ones with them (safe to call twice).
+
+    Garbage in reference cycles goes first: a sharded model (its hooks refer back to it) outlives the
+    function that trained it, holding its process groups. Left to the interpreter's teardown, their gloo
+    threads run until exit and can abort it ("terminate called without an active exception", seen in a
+    2-process `tml-recap train` that had finished: tests/projects/recap/test_main.py).
+    """
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
     comm = sys.modules.get("torchrec.distributed.comm")
