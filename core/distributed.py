@@ -182,8 +182,8 @@ def shutdown() -> None:
 
     Garbage in reference cycles goes first: a sharded model (its hooks refer back to it) outlives the
     function that trained it, holding its process groups. Left to the interpreter's teardown, their gloo
-    threads run until exit and can abort it ("terminate called without an active exception", seen in a
-    2-process `tml-recap train` that had finished: tests/projects/recap/test_main.py).
+    threads run until exit and can abort it ("terminate called without an active exception", seen once
+    at the end of a finished 2-process training run).
     """
     gc.collect()
     if dist.is_initialized():
