@@ -10,9 +10,13 @@ pipeline and the config's optimizers, no logging), is fed, in rotation and `--re
 - `idle`: the same with its threads scheduled as Linux's SCHED_IDLE (a prototype, not in tml.reader: they then
   run only on cores nothing else wants, so torch's OpenMP threads take theirs back at once; `--sources` to
   include it);
-- `process`: the same reader in a forked process that copies each batch into one of 8 shared-memory slots;
-  this process clones the slot and builds the batch (a prototype of decoding outside the training process:
-  no GIL or allocator shared with the step; `--sources` to include it).
+- `process`: the reader's windows (decoded and shuffled as tml.reader.pipeline does) from a forked process,
+  each copied into one of 4 shared-memory slots; this process cuts batches as views of the slot (a prototype
+  of decoding outside the training process: no GIL or allocator shared with the step; `--sources` to
+  include it; until 2026-12-03 it copied each batch through a slot and cloned it here); with
+  `--process-idle` that process is scheduled as SCHED_IDLE.
+`--omp-spin N` sets libgomp's GOMP_SPINCOUNT for this process (read once, when torch loads): how long
+torch's idle OpenMP threads spin before they sleep and leave their core to others.
 It also prints the reader's CPU per batch while it decodes the `fresh` batches (first calls included), and
 per source the CPU per step of the main thread, of the process's other threads (torch's OpenMP workers) and
 of the reader's threads (Linux's /proc/self/task).
@@ -20,7 +24,7 @@ of the reader's threads (Linux's /proc/self/task).
 Data: bench_recap.py's files (written when missing).
 
     python benchmarks/bench_reader_contention.py [--config local] [--steps 280] [--repeat 3] [--threads 2]
-        [--loop plain] [--sources cycled fresh reader idle process]
+        [--loop plain] [--sources cycled fresh reader idle process] [--process-idle] [--omp-spin N]
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ def main() -> None:
         default=["cycled", "fresh", "reader"],
         choices=["cycled", "fresh", "reader", "idle", "process"],
     )
+    parser.add_argument("--process-idle", action="store_true", help="the process source under SCHED_IDLE")
+    parser.add_argument("--omp-spin", type=int, help="GOMP_SPINCOUNT of this process (default: libgomp's)")
     args = parser.parse_args()
+    if args.omp_spin is not None:
+        os.environ["GOMP_SPINCOUNT"] = str(args.omp_spin)  # before torch loads libgomp, which reads it once
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     with socket.socket() as sock:
@@ -115,7 +123,7 @@ def main() -> None:
         "fresh": lambda: iter(fresh),
         "reader": live,
         "idle": lambda: live(idle=True),
-        "process": lambda: in_process(dataset, fresh[0]),
+        "process": lambda: in_process(dataset, idle=args.process_idle),
     }
     sources = {name: sources[name] for name in dict.fromkeys(["cycled", *args.sources])}
     run(itertools.cycle(fresh[:8]))  # warm-up
@@ -126,8 +134,10 @@ def main() -> None:
         turn = repeat % len(names)
         for name in names[turn:] + names[:turn]:  # rotated order
             rates[name].append(run(sources[name](), cpu[name]))
-    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s), {args.steps} steps x "
-          f"{args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
+    spin = f", GOMP_SPINCOUNT {args.omp_spin}" if args.omp_spin is not None else ""
+    idle = ", decoding process under SCHED_IDLE" if args.process_idle and "process" in sources else ""
+    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s){spin}{idle}, "
+          f"{args.steps} steps x {args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
     for name, values in rates.items():
         ratios = [value / base for value, base in zip(values, rates["cycled"], strict=True)]
         print(f"{name:7s} {statistics.median(values):9,.0f} ex/s ({min(values):,.0f}-{max(values):,.0f})  "
@@ -197,59 +207,79 @@ def sched_idle_reader(idle: bool):
         pipeline.use_one_torch_thread = original
 
 
-def _parts(batch) -> list:
-    return [*batch.dense.values(), batch.labels, batch.weights, *batch.ids.values(), batch.sparse.values(),
-            batch.sparse.lengths()]  # fmt: skip
+SLOT_BYTES = 32 << 20  # one shuffle window of local.yaml is about 10 MiB
 
 
-def _decode_into(dataset, slots, free, full) -> None:
+def _decode_windows(dataset, slots, free, full, idle: bool) -> None:
+    """The forked process: each of the dataset's shuffle windows (epoch 0, then again) read, decoded and
+    permuted as tml.reader.pipeline does, its tensors copied into a free slot; (slot, rows, layout) sent."""
     import torch
 
+    from tml.reader.chunk import TensorChunk
+    from tml.reader.pipeline import _decode
+    from tml.reader.sharding import window_permutation
+
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     torch.set_num_threads(1)
-    for batch in dataset:
-        index = free.get()
-        parts = _parts(batch)
-        if any(part.shape != slot.shape for part, slot in zip(parts, slots[index], strict=True)):
-            free.put(index)  # an epoch's short last batch: not in a slot's shapes, skipped
-            continue
-        for slot, part in zip(slots[index], parts, strict=True):
-            slot.copy_(part)
-        full.put(index)
-    full.put(None)
+    source = dataset._source
+    while True:
+        for window in dataset.plan_epoch(0).windows:
+            block = TensorChunk.concat([_decode(source, unit)[0] for unit in window.units])
+            permutation = window_permutation(window)
+            if permutation is not None:
+                block = block.take(torch.from_numpy(permutation))
+            parts = [(key, tensor) for key, tensor in block.tensors.items()]
+            parts += [((name, "values"), values) for name, (values, _) in block.jagged.items()]
+            parts += [((name, "offsets"), offsets) for name, (_, offsets) in block.jagged.items()]
+            index, offset, layout = free.get(), 0, []
+            for key, tensor in parts:
+                size = tensor.numel() * tensor.element_size()
+                if offset + size > SLOT_BYTES:
+                    raise SystemExit(f"a window needs more than a slot's {SLOT_BYTES} bytes")
+                view = slots[index][offset : offset + size].view(tensor.dtype).view(tensor.shape)
+                view.copy_(tensor)
+                layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
+                offset += -(-size // 64) * 64
+            full.put((index, block.num_rows, layout))
 
 
-def in_process(dataset, example, num_slots: int = 8):
-    """Batches decoded by `dataset` in a forked process, through shared-memory slots shaped like `example`."""
+def in_process(dataset, num_slots: int = 4, idle: bool = False):
+    """Batches from windows decoded by a forked process into shared-memory slots: each batch is a view of its
+    window's slot (no copy here), and the slot goes back to the process when its last view is freed.
+    Only full batches are cut from each window (a prototype: the real stream carries the rest over)."""
     import multiprocessing
+    import weakref
 
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    import torch
 
-    from tml.reader.batch import RecapBatch
+    from tml.reader.chunk import TensorChunk
 
-    if example.sparse is None or example.sparse_continuous:
-        raise SystemExit(
-            "--sources process: the prototype moves dense, labels, weights, ids and one KJT only"
-        )
-    dense, ids = list(example.dense), list(example.ids)
-    slots = [[part.clone().share_memory_() for part in _parts(example)] for _ in range(num_slots)]
+    decoder, batch_size = dataset._source.decoder, dataset._source.batch_size
+    slots = [torch.zeros(SLOT_BYTES, dtype=torch.uint8).share_memory_() for _ in range(num_slots)]
     context = multiprocessing.get_context("fork")
     free, full = context.Queue(), context.Queue()
     for index in range(num_slots):
         free.put(index)
-    worker = context.Process(target=_decode_into, args=(dataset, slots, free, full), daemon=True)
+    worker = context.Process(target=_decode_windows, args=(dataset, slots, free, full, idle), daemon=True)
     worker.start()
     try:
-        while (index := full.get()) is not None:
-            parts = [part.clone() for part in slots[index]]
-            free.put(index)
-            yield RecapBatch(
-                dense=dict(zip(dense, parts[: len(dense)], strict=True)),
-                labels=parts[len(dense)],
-                weights=parts[len(dense) + 1],
-                ids=dict(zip(ids, parts[len(dense) + 2 : -2], strict=True)),
-                sparse=KeyedJaggedTensor.from_lengths_sync(example.sparse.keys(), parts[-2], parts[-1]),
-                sparse_continuous={},
-            )
+        while True:
+            index, rows, layout = full.get()
+            base = slots[index].numpy()  # one object per use: freed with the last view of this window
+            weakref.finalize(base, free.put, index)
+            tensors = {}
+            for key, dtype, shape, offset in layout:
+                size = dtype.itemsize * int(torch.Size(shape).numel())
+                tensors[key] = torch.from_numpy(base[offset : offset + size]).view(dtype).view(shape)
+            del base
+            jagged = {key[0]: (tensors.pop(key), None) for key in list(tensors) if key[1:] == ("values",)}
+            jagged = {name: (values, tensors.pop((name, "offsets"))) for name, (values, _) in jagged.items()}
+            window = TensorChunk(rows, tensors, jagged)
+            del tensors, jagged
+            for begin in range(0, rows - batch_size + 1, batch_size):
+                yield decoder.to_batch(window.slice(begin, begin + batch_size))
+            del window
     finally:
         worker.kill()
         worker.join()
