@@ -210,9 +210,23 @@ def sched_idle_reader(idle: bool):
 SLOT_BYTES = 32 << 20  # one shuffle window of local.yaml is about 10 MiB
 
 
+def _store(slot, tensors: list) -> list[tuple]:
+    """Copy `tensors` into `slot` one after another (64-byte aligned); each one's (dtype, shape, offset)."""
+    specs, offset = [], 0
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if offset + size > SLOT_BYTES:
+            raise SystemExit(f"a window needs more than a slot's {SLOT_BYTES} bytes")
+        slot[offset : offset + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        specs.append((tensor.dtype, tuple(tensor.shape), offset))
+        offset += -(-size // 64) * 64
+    return specs
+
+
 def _decode_windows(dataset, slots, free, full, idle: bool) -> None:
     """The forked process: each of the dataset's shuffle windows (epoch 0, then again) read, decoded and
-    permuted as tml.reader.pipeline does, its tensors copied into a free slot; (slot, rows, layout) sent."""
+    permuted as tml.reader.pipeline does, its tensors copied into a free slot; (slot, rows, where each
+    tensor and jagged column lies in it) sent."""
     import torch
 
     from tml.reader.chunk import TensorChunk
@@ -229,19 +243,12 @@ def _decode_windows(dataset, slots, free, full, idle: bool) -> None:
             permutation = window_permutation(window)
             if permutation is not None:
                 block = block.take(torch.from_numpy(permutation))
-            parts = [(key, tensor) for key, tensor in block.tensors.items()]
-            parts += [((name, "values"), values) for name, (values, _) in block.jagged.items()]
-            parts += [((name, "offsets"), offsets) for name, (_, offsets) in block.jagged.items()]
-            index, offset, layout = free.get(), 0, []
-            for key, tensor in parts:
-                size = tensor.numel() * tensor.element_size()
-                if offset + size > SLOT_BYTES:
-                    raise SystemExit(f"a window needs more than a slot's {SLOT_BYTES} bytes")
-                view = slots[index][offset : offset + size].view(tensor.dtype).view(tensor.shape)
-                view.copy_(tensor)
-                layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
-                offset += -(-size // 64) * 64
-            full.put((index, block.num_rows, layout))
+            index = free.get()
+            flat = [*block.tensors.values(), *(part for pair in block.jagged.values() for part in pair)]
+            specs = iter(_store(slots[index], flat))
+            tensors = {key: next(specs) for key in block.tensors}
+            jagged = {key: (next(specs), next(specs)) for key in block.jagged}
+            full.put((index, block.num_rows, tensors, jagged))
 
 
 def in_process(dataset, num_slots: int = 4, idle: bool = False):
@@ -249,6 +256,7 @@ def in_process(dataset, num_slots: int = 4, idle: bool = False):
     window's slot (no copy here), and the slot goes back to the process when its last view is freed.
     Only full batches are cut from each window (a prototype: the real stream carries the rest over)."""
     import multiprocessing
+    import queue
     import weakref
 
     import torch
@@ -265,18 +273,26 @@ def in_process(dataset, num_slots: int = 4, idle: bool = False):
     worker.start()
     try:
         while True:
-            index, rows, layout = full.get()
+            try:
+                index, rows, tensors, jagged = full.get(timeout=1.0)
+            except queue.Empty:
+                if not worker.is_alive():
+                    raise SystemExit(f"the decoding process ended (exit code {worker.exitcode})") from None
+                continue
             base = slots[index].numpy()  # one object per use: freed with the last view of this window
+
+            def view(spec, base=base) -> torch.Tensor:
+                dtype, shape, offset = spec
+                size = dtype.itemsize * torch.Size(shape).numel()
+                return torch.from_numpy(base[offset : offset + size]).view(dtype).view(shape)
+
             weakref.finalize(base, free.put, index)
-            tensors = {}
-            for key, dtype, shape, offset in layout:
-                size = dtype.itemsize * int(torch.Size(shape).numel())
-                tensors[key] = torch.from_numpy(base[offset : offset + size]).view(dtype).view(shape)
-            del base
-            jagged = {key[0]: (tensors.pop(key), None) for key in list(tensors) if key[1:] == ("values",)}
-            jagged = {name: (values, tensors.pop((name, "offsets"))) for name, (values, _) in jagged.items()}
-            window = TensorChunk(rows, tensors, jagged)
-            del tensors, jagged
+            window = TensorChunk(
+                rows,
+                {key: view(spec) for key, spec in tensors.items()},
+                {key: (view(values), view(offsets)) for key, (values, offsets) in jagged.items()},
+            )
+            del base, view
             for begin in range(0, rows - batch_size + 1, batch_size):
                 yield decoder.to_batch(window.slice(begin, begin + batch_size))
             del window
