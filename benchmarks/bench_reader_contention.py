@@ -10,11 +10,8 @@ pipeline and the config's optimizers, no logging), is fed, in rotation and `--re
 - `idle`: the same with its threads scheduled as Linux's SCHED_IDLE (a prototype, not in tml.reader: they then
   run only on cores nothing else wants, so torch's OpenMP threads take theirs back at once; `--sources` to
   include it);
-- `process`: the reader's windows (decoded and shuffled as tml.reader.pipeline does) from a forked process,
-  each copied into one of 4 shared-memory slots; this process cuts batches as views of the slot (a prototype
-  of decoding outside the training process: no GIL or allocator shared with the step; `--sources` to
-  include it; until 2026-12-03 it copied each batch through a slot and cloned it here); with
-  `--process-idle` that process is scheduled as SCHED_IDLE.
+- `process`: the live reader decoding in its separate idle-priority process (`decode_process: true`,
+  tml.reader.decode_process; `--sources` to include it; until 2026-12-03 a prototype of it).
 `--omp-spin N` sets libgomp's GOMP_SPINCOUNT for this process (read once, when torch loads): how long
 torch's idle OpenMP threads spin before they sleep and leave their core to others.
 It also prints the reader's CPU per batch while it decodes the `fresh` batches (first calls included), and
@@ -24,7 +21,7 @@ of the reader's threads (Linux's /proc/self/task).
 Data: bench_recap.py's files (written when missing).
 
     python benchmarks/bench_reader_contention.py [--config local] [--steps 280] [--repeat 3] [--threads 2]
-        [--loop plain] [--sources cycled fresh reader idle process] [--process-idle] [--omp-spin N]
+        [--loop plain] [--sources cycled fresh reader idle process] [--omp-spin N]
 """
 
 from __future__ import annotations
@@ -60,7 +57,6 @@ def main() -> None:
         default=["cycled", "fresh", "reader"],
         choices=["cycled", "fresh", "reader", "idle", "process"],
     )
-    parser.add_argument("--process-idle", action="store_true", help="the process source under SCHED_IDLE")
     parser.add_argument("--omp-spin", type=int, help="GOMP_SPINCOUNT of this process (default: libgomp's)")
     args = parser.parse_args()
     if args.omp_spin is not None:
@@ -94,6 +90,9 @@ def main() -> None:
         }
     )
     dataset = build_dataset(data, task_names(config), 0, 1)
+    in_process = build_dataset(
+        data.model_copy(update={"num_workers": 0, "decode_process": True}), task_names(config), 0, 1
+    )
     iterator = iter(dataset)
     fresh = [next(iterator) for _ in range(args.steps)]
     iterator.close()
@@ -112,7 +111,7 @@ def main() -> None:
             cpu.append([value / args.steps * 1e3 for value in cpu_by_role(before, thread_cpu())])
         return args.steps * batch_size / seconds
 
-    def live(idle: bool = False):
+    def live(idle: bool = False, dataset=dataset):
         with sched_idle_reader(idle):  # for the whole run: the threads start while it runs
             iterator = iter(dataset)
             yield from iterator
@@ -123,7 +122,7 @@ def main() -> None:
         "fresh": lambda: iter(fresh),
         "reader": live,
         "idle": lambda: live(idle=True),
-        "process": lambda: in_process(dataset, idle=args.process_idle),
+        "process": lambda: live(dataset=in_process),
     }
     sources = {name: sources[name] for name in dict.fromkeys(["cycled", *args.sources])}
     run(itertools.cycle(fresh[:8]))  # warm-up
@@ -135,8 +134,7 @@ def main() -> None:
         for name in names[turn:] + names[:turn]:  # rotated order
             rates[name].append(run(sources[name](), cpu[name]))
     spin = f", GOMP_SPINCOUNT {args.omp_spin}" if args.omp_spin is not None else ""
-    idle = ", decoding process under SCHED_IDLE" if args.process_idle and "process" in sources else ""
-    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s){spin}{idle}, "
+    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s){spin}, "
           f"{args.steps} steps x {args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
     for name, values in rates.items():
         ratios = [value / base for value, base in zip(values, rates["cycled"], strict=True)]
@@ -205,100 +203,6 @@ def sched_idle_reader(idle: bool):
         yield
     finally:
         pipeline.use_one_torch_thread = original
-
-
-SLOT_BYTES = 32 << 20  # one shuffle window of local.yaml is about 10 MiB
-
-
-def _store(slot, tensors: list) -> list[tuple]:
-    """Copy `tensors` into `slot` one after another (64-byte aligned); each one's (dtype, shape, offset)."""
-    specs, offset = [], 0
-    for tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if offset + size > SLOT_BYTES:
-            raise SystemExit(f"a window needs more than a slot's {SLOT_BYTES} bytes")
-        slot[offset : offset + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        specs.append((tensor.dtype, tuple(tensor.shape), offset))
-        offset += -(-size // 64) * 64
-    return specs
-
-
-def _decode_windows(dataset, slots, free, full, idle: bool) -> None:
-    """The forked process: each of the dataset's shuffle windows (epoch 0, then again) read, decoded and
-    permuted as tml.reader.pipeline does, its tensors copied into a free slot; (slot, rows, where each
-    tensor and jagged column lies in it) sent."""
-    import torch
-
-    from tml.reader.chunk import TensorChunk
-    from tml.reader.pipeline import _decode
-    from tml.reader.sharding import window_permutation
-
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    torch.set_num_threads(1)
-    source = dataset._source
-    while True:
-        for window in dataset.plan_epoch(0).windows:
-            block = TensorChunk.concat([_decode(source, unit)[0] for unit in window.units])
-            permutation = window_permutation(window)
-            if permutation is not None:
-                block = block.take(torch.from_numpy(permutation))
-            index = free.get()
-            flat = [*block.tensors.values(), *(part for pair in block.jagged.values() for part in pair)]
-            specs = iter(_store(slots[index], flat))
-            tensors = {key: next(specs) for key in block.tensors}
-            jagged = {key: (next(specs), next(specs)) for key in block.jagged}
-            full.put((index, block.num_rows, tensors, jagged))
-
-
-def in_process(dataset, num_slots: int = 4, idle: bool = False):
-    """Batches from windows decoded by a forked process into shared-memory slots: each batch is a view of its
-    window's slot (no copy here), and the slot goes back to the process when its last view is freed.
-    Only full batches are cut from each window (a prototype: the real stream carries the rest over)."""
-    import multiprocessing
-    import queue
-    import weakref
-
-    import torch
-
-    from tml.reader.chunk import TensorChunk
-
-    decoder, batch_size = dataset._source.decoder, dataset._source.batch_size
-    slots = [torch.zeros(SLOT_BYTES, dtype=torch.uint8).share_memory_() for _ in range(num_slots)]
-    context = multiprocessing.get_context("fork")
-    free, full = context.Queue(), context.Queue()
-    for index in range(num_slots):
-        free.put(index)
-    worker = context.Process(target=_decode_windows, args=(dataset, slots, free, full, idle), daemon=True)
-    worker.start()
-    try:
-        while True:
-            try:
-                index, rows, tensors, jagged = full.get(timeout=1.0)
-            except queue.Empty:
-                if not worker.is_alive():
-                    raise SystemExit(f"the decoding process ended (exit code {worker.exitcode})") from None
-                continue
-            base = slots[index].numpy()  # one object per use: freed with the last view of this window
-
-            def view(spec, base=base) -> torch.Tensor:
-                dtype, shape, offset = spec
-                size = dtype.itemsize * torch.Size(shape).numel()
-                return torch.from_numpy(base[offset : offset + size]).view(dtype).view(shape)
-
-            weakref.finalize(base, free.put, index)
-            window = TensorChunk(
-                rows,
-                {key: view(spec) for key, spec in tensors.items()},
-                {key: (view(values), view(offsets)) for key, (values, offsets) in jagged.items()},
-            )
-            del base, view
-            for begin in range(0, rows - batch_size + 1, batch_size):
-                yield decoder.to_batch(window.slice(begin, begin + batch_size))
-            del window
-    finally:
-        worker.kill()
-        worker.join()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ in the config's schema is written once under --work, then these variants run, ea
   save_dir, train_log_every_n (the measuring window) and no evaluation (`validation_data={}`,
   `training.eval_every_n=null`, `training.num_eval_steps=null`). Nothing about
   threads or compilation is set, unless --e2e-overrides adds it.
-- `e2e-inline` / `e2e-background`: `e2e` with the training thread decoding between steps
-  (`train_data.num_workers=0`) / with two background decoding threads (`train_data.num_workers=2`).
+- `e2e-inline` / `e2e-background` / `e2e-process`: `e2e` with the training thread decoding between steps
+  (`train_data.num_workers=0`) / with two background decoding threads (`train_data.num_workers=2`) / with
+  a separate decoding process (`train_data.decode_process=true`).
 - `e2e-lists`: `e2e` from a copy of the files with the vectors as lists (`tml-pq rewrite --vectors list`)
   instead of packed (tml.reader.vectors, what the generator writes): what packing gains.
 
@@ -58,8 +59,12 @@ SIZES = {
     "local": {"rows": 300_000, "row_group": 16_384, "batch": 1024, "steps": 1800, "window": 600},
     "prod": {"rows": 12_288, "row_group": 2_048, "batch": 256, "steps": 150, "window": 50},
 }
-# The reader's two ways of decoding (tml.reader.pipeline), whatever the default picks.
-READERS = {"e2e-inline": ("train_data.num_workers=0",), "e2e-background": ("train_data.num_workers=2",)}
+# The reader's ways of decoding (tml.reader.pipeline), whatever the default picks.
+READERS = {
+    "e2e-inline": ("train_data.num_workers=0", "train_data.decode_process=false"),
+    "e2e-background": ("train_data.num_workers=2", "train_data.decode_process=false"),
+    "e2e-process": ("train_data.decode_process=true",),
+}
 NO_EVALUATION = ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"]
 _SHIM = (
     "import resource, subprocess, sys\n"
@@ -310,7 +315,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["plain", "core", "e2e"],
-        choices=["plain", "core", "e2e", "e2e-inline", "e2e-background", "e2e-lists"],
+        choices=["plain", "core", "e2e", "e2e-inline", "e2e-background", "e2e-process", "e2e-lists"],
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])

@@ -19,9 +19,10 @@ measures, once per process, over the first steps:
    benchmarks/RESULTS.md, "bf16 autocast on AMX", the thread trial);
 3. the faster count is kept (the full share must win by `margin`), and the decision is logged.
 
-A reader that decodes in the training thread (`train_data.num_workers: 0`, the automatic choice on up to
-2 cores: tml.reader.pipeline.resolve_num_workers) runs no thread beside torch's, so torch gets the whole share
-at once and nothing is measured.
+A reader that decodes in the training thread (`train_data.num_workers: 0`) or in a separate idle-priority
+process (`train_data.decode_process`), the automatic choices on up to 2 cores (tml.reader.pipeline.
+resolve_decoding), runs no thread beside torch's, so torch gets the whole share at once and nothing is
+measured.
 
 Windows last at least `window_steps` steps and `window_seconds` of step time (logging, checkpoints and
 evaluations between steps are not counted). A resumed run measures again. The decision depends on timing,
@@ -42,7 +43,8 @@ from collections.abc import Callable
 
 import torch
 
-from tml.core.distributed import DistEnv, cpu_share
+from tml.core.cores import cpu_share
+from tml.core.distributed import DistEnv
 from tml.ml_logging.log import get_logger
 
 logger = get_logger(__name__)
@@ -139,15 +141,17 @@ def thread_tuner(
     trains on the CPU, the data reports its CPU cost (`cpu_seconds_per_batch()`) and a core was kept for
     the reader. Not for a `compiled` model: torch.compile's graphs guard on the thread count, so each
     change would recompile every compiled part, inside the windows that time it. When the reader decodes
-    in the training thread (`decodes_inline`), torch gets the whole share here, before the first step (so
-    before anything is compiled), and there is no tuner."""
+    in the training thread (`decoding`), torch gets the whole share here, before the first step (so
+    before anything is compiled), and there is no tuner; so also when a separate process decodes
+    (`decoding`: it runs at idle priority, in the gaps torch's threads leave)."""
     reader = getattr(train_data, "cpu_seconds_per_batch", None)
     if requested is not None or os.environ.get("OMP_NUM_THREADS") or env.device.type != "cpu":
         return None
-    if getattr(train_data, "decodes_inline", False):
+    decoding = getattr(train_data, "decoding", None)
+    if decoding:
         if torch.get_num_threads() < cpu_share():
             torch.set_num_threads(cpu_share())
-            logger.info("torch CPU threads: %d (the data reader decodes in the training thread)", cpu_share())
+            logger.info("torch CPU threads: %d (the data reader decodes %s)", cpu_share(), decoding)
         return None
     if compiled:
         return None

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tml.core.cores import cpu_share, env_int
 from tml.core.errors import is_user_error
 from tml.ml_logging.log import get_logger
 
@@ -54,16 +55,6 @@ class DistEnv:
         return max(self.world_size // max(self.local_world_size, 1), 1)
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
-
-
 def resolve_device(device: str, local_rank: int) -> torch.device:
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
@@ -85,8 +76,8 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
         device: auto | cpu | cuda.
         timeout_s: how long a collective waits for other ranks before failing (no silent hangs).
     """
-    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", rank)
+    rank, world_size = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+    local_rank = env_int("LOCAL_RANK", rank)
     torch_device = resolve_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -105,7 +96,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
         dist.init_process_group(**kwargs)
     control = dist.new_group(backend="gloo") if backend != "gloo" else None
     world = dist.get_world_size()
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    local_world = env_int("LOCAL_WORLD_SIZE", world)
     if local_world < 1 or world % local_world:
         raise ValueError(f"LOCAL_WORLD_SIZE={local_world} does not divide the world size {world}")
     # torchrec reads the ranks per host itself (its sharded tables' state and process groups); without
@@ -145,13 +136,6 @@ def hash_seed(*parts: object) -> int:
     """A 63-bit seed that depends on every part (stable across runs, machines and Python versions)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def cpu_share() -> int:
-    """This process's share of the usable cores: they are split between the LOCAL_WORLD_SIZE processes of
-    this machine (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(_env_int("LOCAL_WORLD_SIZE", 1), 1))
 
 
 def configure_cpu_threads(requested: int | None, reserved: int = 1) -> int:
@@ -202,7 +186,7 @@ def run_distributed(fn: Callable[[], Any]) -> Any:
     in one line. The process group is destroyed in every case so that other ranks' collectives fail
     within the timeout instead of hanging.
     """
-    rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+    rank = dist.get_rank() if dist.is_initialized() else env_int("RANK", 0)
     try:
         result = fn()
     except SystemExit:

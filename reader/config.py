@@ -250,10 +250,19 @@ class DataSource(BaseConfig):
         None,
         ge=0,
         description="Background threads decoding row groups; 0: the consuming (training) thread decodes "
-        "between steps; null: 0 in a process with at most 2 cores and no CUDA device, else 2.",
+        "between steps; null: 0 in a process with at most 2 cores and no CUDA device (or the decoding "
+        "process: decode_process), else 2.",
     )
     prefetch_batches: int = pydantic.Field(
-        4, ge=1, description="Capacity of the queue of ready batches (bounds memory)."
+        4, ge=1, description="Capacity of the decoding threads' queue of ready batches (bounds memory)."
+    )
+    decode_process: bool | None = pydantic.Field(
+        None,
+        description="A separate process, at idle priority, decodes and shuffles each window and hands it over "
+        "in shared memory; the training thread only cuts batches (2 windows made ahead). null (with "
+        "num_workers null): on Linux in a process with 2 cores, no CUDA device and torch's OpenMP threads "
+        "set to sleep soon when idle (GOMP_SPINCOUNT <= 10000, which tml-recap sets on such a machine unless "
+        "GOMP_SPINCOUNT or OMP_WAIT_POLICY is set). true excludes num_workers >= 1.",
     )
     skip_unreadable_files: bool = pydantic.Field(
         False,
@@ -282,6 +291,11 @@ class DataSource(BaseConfig):
 
     @pydantic.model_validator(mode="after")
     def _check_consistency(self) -> DataSource:
+        if self.decode_process and self.num_workers:
+            raise ValueError(
+                f"decode_process: true with num_workers: {self.num_workers}: the decoding process decodes in "
+                "one thread of its own (leave num_workers unset or 0, or set decode_process: false)"
+            )
         dense_names = [group.name for group in self.dense_columns]
         if self.seg_dense_schema is not None and self.seg_dense_schema.features is not None:
             dense_names += [feature.name for feature in self.seg_dense_schema.features]

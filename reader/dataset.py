@@ -36,7 +36,7 @@ from tml.core.config.loader import ConfigError
 from tml.reader.config import DataConfig, DataSource, ValidationDataConfig
 from tml.reader.decoder import DataError, Decoder
 from tml.reader.fs import list_inputs, open_input
-from tml.reader.pipeline import BatchIterator, Source, resolve_num_workers
+from tml.reader.pipeline import BatchIterator, Source, resolve_decoding
 from tml.reader.ranking import ranking_decoder
 from tml.reader.sharding import EpochPlan, Unit, epoch_plan
 from tml.reader.state import DataPlan, InputFiles, Position, decode_state, encode_state, replan
@@ -64,8 +64,11 @@ class ParquetDataset(Generic[BatchT]):
         rank / world_size: this process's place among the readers.
         num_epochs: passes over the data, None for endless.
         seed / shuffle_units / buffer_size: shuffling (see tml.reader.sharding).
-        num_workers / prefetch_batches: decoding threads (0: the consuming thread decodes; None: auto,
-            tml.reader.pipeline.resolve_num_workers) and ready-batch queue size.
+        num_workers / prefetch_batches: decoding threads (0: the consuming thread decodes) and ready-batch
+            queue size (of the threads).
+        decode_process: a separate process decodes and shuffles, the consuming thread cuts batches
+            (tml.reader.decode_process); None with num_workers None: auto for both
+            (tml.reader.pipeline.resolve_decoding).
         skip_unreadable_files: skip (count, log) files that are not Parquet instead of raising.
 
     `stats` counts files, unreadable files, row groups, rows, rows decoded, batches, and the decoder's own
@@ -86,6 +89,7 @@ class ParquetDataset(Generic[BatchT]):
         num_workers: int | None,
         prefetch_batches: int,
         skip_unreadable_files: bool,
+        decode_process: bool | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
@@ -94,7 +98,10 @@ class ParquetDataset(Generic[BatchT]):
                 f"global_batch_size {global_batch_size} is not divisible by the world size {world_size}: "
                 f"use a multiple of {world_size}"
             )
-        num_workers = resolve_num_workers(num_workers)
+        try:
+            num_workers, decode_process = resolve_decoding(num_workers, decode_process)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         fs, paths = list_inputs(inputs)
         self.stats: dict[str, int] = dict.fromkeys(
             ["files", "unreadable_files", "row_groups", "empty_row_groups", "rows", "rows_read", "batches",
@@ -153,6 +160,7 @@ class ParquetDataset(Generic[BatchT]):
             plan_epoch=self.plan_epoch,
             num_workers=num_workers,
             prefetch_batches=prefetch_batches,
+            decode_process=decode_process,
         )
         self._start = Position(0, 0, 0)  # where the current (or next resumed) stream starts
         self._resume_next = False
@@ -177,9 +185,13 @@ class ParquetDataset(Generic[BatchT]):
         return footers
 
     @property
-    def decodes_inline(self) -> bool:
-        """Whether the consuming thread decodes (num_workers 0) instead of background threads."""
-        return self._source.num_workers == 0
+    def decoding(self) -> str | None:
+        """Where rows are decoded when no thread of this process decodes beside the consuming one: "in the
+        training thread" (num_workers 0) or "in a separate process" (decode_process); None for background
+        threads. A training process then gives torch every core (tml.core.cpu_threads)."""
+        if self._source.decode_process:
+            return "in a separate process"
+        return "in the training thread" if self._source.num_workers == 0 else None
 
     def cpu_seconds_per_batch(self) -> float | None:
         """CPU seconds the reading threads spend per batch (decoding, shuffling, batching; waiting costs
@@ -402,4 +414,5 @@ def _ranking_dataset(
         num_workers=config.num_workers,
         prefetch_batches=config.prefetch_batches,
         skip_unreadable_files=config.skip_unreadable_files,
+        decode_process=config.decode_process,
     )

@@ -35,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -44,7 +45,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from tml.core.distributed import cpu_share
+from tml.core.cores import SHORT_SPIN_CORES, cpu_share, spin_wait_is_short
+from tml.reader.decode_process import DecodingProcess
 from tml.reader.decoder import Chunk, DataError, Decoder, location
 from tml.reader.fs import open_input
 from tml.reader.sharding import EpochPlan, Unit, Window, window_permutation
@@ -87,17 +89,35 @@ class Source:
     plan_epoch: Callable[[int], EpochPlan]
     num_workers: int
     prefetch_batches: int
+    decode_process: bool = False
     cpu: CpuMeter = dataclasses.field(default_factory=CpuMeter)
 
 
-def resolve_num_workers(num_workers: int | None) -> int:
-    """`num_workers`, or for None (auto) 0 where this process has at most 2 cores and no CUDA device (the
-    training thread decodes between steps: background threads would take their CPU from torch's OpenMP
-    threads, which wait for each other at every parallel region), else BACKGROUND_WORKERS threads."""
+def resolve_decoding(num_workers: int | None, decode_process: bool | None) -> tuple[int, bool]:
+    """(decoding threads, whether a separate process decodes) for the reader's settings, None being auto.
+
+    A set `num_workers` wins over auto. Auto: a separate process (`decode_process` True) where it was
+    measured to win (Linux, this process's share is 2 cores, no CUDA device, and torch's idle OpenMP threads
+    sleep soon: tml.core.cores, set by tml's commands); else the training thread decodes (0 threads) on up to
+    2 cores without CUDA (background threads would take their CPU from torch's OpenMP threads, which wait
+    for each other at every parallel region); else BACKGROUND_WORKERS threads."""
+    if decode_process:
+        if num_workers:
+            raise ValueError(
+                f"num_workers {num_workers} with decode_process: the decoding process decodes in one thread"
+            )
+        return 0, True
     if num_workers is not None:
-        return num_workers
-    inline = cpu_share() <= AUTO_INLINE_MAX_CORES and not torch.cuda.is_available()
-    return 0 if inline else BACKGROUND_WORKERS
+        return num_workers, False
+    if cpu_share() > AUTO_INLINE_MAX_CORES or torch.cuda.is_available():
+        return BACKGROUND_WORKERS, False
+    process = (
+        decode_process is None
+        and cpu_share() == SHORT_SPIN_CORES
+        and sys.platform.startswith("linux")
+        and spin_wait_is_short()
+    )
+    return 0, process
 
 
 def decode_unit(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:
@@ -167,37 +187,19 @@ def _windows(source: Source, start_epoch: int, skip_rows: int) -> Iterator[tuple
         epoch, skip_rows = epoch + 1, 0
 
 
-def _batches(
+def _blocks(
     source: Source,
     start_epoch: int,
     skip_rows: int,
-    stats: dict,
     submit: Callable[[Unit], Any],
     stop: threading.Event,
-) -> Iterator[Any]:
-    """The stream's batches: windows joined, permuted and cut. `submit(unit)` returns an object whose
-    `result(timeout)` is the unit's (chunk, counters); up to 2 x num_workers units are submitted ahead of
-    the window being cut (none with num_workers = 0: each window is decoded when it is reached)."""
+) -> Iterator[tuple[Chunk | None, dict[str, int]]]:
+    """(block, counters) per window in stream order: its units decoded, joined, permuted and cut at the
+    resume point; the counters are the decoder's and `rows_read`. (None, {}) ends an epoch. `submit(unit)`
+    returns an object whose `result(timeout)` is the unit's (chunk, counters); up to 2 x num_workers units
+    are submitted ahead of the window being made (none with num_workers = 0: each window is decoded when it
+    is reached)."""
     pending: collections.deque = collections.deque()
-    held: list[Chunk] = []
-    held_rows = 0
-
-    def cut(rows: int) -> Any:
-        nonlocal held, held_rows
-        parts, taken = [], 0
-        while taken < rows:
-            chunk = held[0]
-            need = rows - taken
-            if chunk.num_rows <= need:
-                parts.append(held.pop(0))
-                taken += chunk.num_rows
-            else:
-                parts.append(chunk.slice(0, need))
-                held[0] = chunk.slice(need, chunk.num_rows)
-                taken = rows
-        held_rows -= rows
-        return source.decoder.to_batch(parts[0].concat(parts))
-
     work = _windows(source, start_epoch, skip_rows)
     exhausted = False
     while not stop.is_set():
@@ -213,31 +215,86 @@ def _batches(
         if not pending:
             return
         window, drop, futures = pending.popleft()
-        if window is None:  # end of an epoch: the rank's last, smaller batch
-            if held_rows:
-                yield cut(held_rows)
+        if window is None:
+            yield None, {}
             continue
-        chunks = []
+        chunks, counters = [], {"rows_read": 0}
         for future in futures:
             result = _result(future, stop)
             if result is None:
                 return
             chunk, counts = result
             chunks.append(chunk)
-            source.cpu.add(0.0, chunk.num_rows)
-            stats["rows_read"] += chunk.num_rows
+            counters["rows_read"] += chunk.num_rows
             for key, count in counts.items():
-                stats[key] = stats.get(key, 0) + count
+                counters[key] = counters.get(key, 0) + count
         block = chunks[0].concat(chunks)
         permutation = window_permutation(window)
         if permutation is not None:
             block = block.take(torch.from_numpy(permutation))
         if drop:
             block = block.slice(drop, block.num_rows)
+        yield block, counters
+
+
+def _cut(source: Source, blocks: Iterator[tuple[Chunk | None, dict[str, int]]], stats: dict) -> Iterator[Any]:
+    """The stream's batches, cut from `_blocks`' blocks in order (a rank's epoch ends with a smaller batch);
+    each block's counters are added to `stats` and its rows to the CPU meter."""
+    held: list[Chunk] = []
+    held_rows = 0
+
+    def cut(rows: int) -> Any:
+        nonlocal held_rows
+        parts, taken = [], 0
+        while taken < rows:
+            chunk = held[0]
+            need = rows - taken
+            if chunk.num_rows <= need:
+                parts.append(held.pop(0))
+                taken += chunk.num_rows
+            else:
+                parts.append(chunk.slice(0, need))
+                held[0] = chunk.slice(need, chunk.num_rows)
+                taken = rows
+        held_rows -= rows
+        return source.decoder.to_batch(parts[0].concat(parts))
+
+    for block, counters in blocks:
+        if block is None:  # end of an epoch: the rank's last, smaller batch
+            if held_rows:
+                yield cut(held_rows)
+            continue
+        for key, count in counters.items():
+            stats[key] = stats.get(key, 0) + count
+        source.cpu.add(0.0, counters["rows_read"])
         held.append(block)
         held_rows += block.num_rows
         while held_rows >= source.batch_size:
             yield cut(source.batch_size)
+
+
+def _batches(
+    source: Source,
+    start_epoch: int,
+    skip_rows: int,
+    stats: dict,
+    submit: Callable[[Unit], Any],
+    stop: threading.Event,
+) -> Iterator[Any]:
+    """The stream's batches, windows made in this process (`_blocks`, `submit` as there)."""
+    return _cut(source, _blocks(source, start_epoch, skip_rows, submit, stop), stats)
+
+
+def _process_blocks(source: Source, start_epoch: int, skip_rows: int) -> Iterator[tuple[Chunk | None, dict]]:
+    """`_blocks` as the decoding process makes them (each unit decoded when its window is reached)."""
+    return _blocks(source, start_epoch, skip_rows, functools.partial(_Deferred, source), threading.Event())
+
+
+def _metered(items: DecodingProcess, cpu: CpuMeter) -> Iterator[tuple[Chunk | None, dict[str, int]]]:
+    """The decoding process's blocks, the CPU seconds it spent on each added to `cpu`."""
+    for block, seconds in items:
+        cpu.add(seconds)
+        yield block
 
 
 def _timed_next(batches: Iterator[Any], cpu: CpuMeter) -> Any:
@@ -278,8 +335,9 @@ def _close_open_iterators() -> None:
 
 
 class BatchIterator:
-    """Iterator of the decoder's batches, produced by background threads (num_workers >= 1) or in the
-    calling thread (num_workers = 0); `close()` (or GC) stops them."""
+    """Iterator of the decoder's batches, produced by background threads (num_workers >= 1), in the
+    calling thread (num_workers = 0), or cut in the calling thread from windows a separate process makes
+    (decode_process); `close()` (or GC) stops them."""
 
     def __init__(
         self,
@@ -296,7 +354,13 @@ class BatchIterator:
         self._thread: threading.Thread | None = None
         self._inline: Iterator[Any] | None = None
         self._cpu = source.cpu
-        if source.num_workers == 0:
+        self._process: DecodingProcess | None = None
+        if source.decode_process:
+            self._process = DecodingProcess(
+                functools.partial(_process_blocks, source, start_epoch, skip_rows)
+            )
+            self._inline = _cut(source, _metered(self._process, source.cpu), stats)
+        elif source.num_workers == 0:
             submit = functools.partial(_Deferred, source)
             self._inline = _batches(source, start_epoch, skip_rows, stats, submit, self._stop)
         else:
@@ -348,6 +412,8 @@ class BatchIterator:
         _OPEN.discard(self)
         if self._inline is not None:
             self._inline.close()
+        if self._process is not None:
+            self._process.close()
         while True:
             try:
                 self._queue.get_nowait()

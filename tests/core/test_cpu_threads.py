@@ -135,12 +135,13 @@ def test_the_tuner_runs_only_when_threads_are_automatic(monkeypatch):
     assert thread_tuner(None, cpu, Data()) is None
 
 
-def test_a_reader_decoding_in_the_training_thread_leaves_torch_the_whole_share(monkeypatch):
+@pytest.mark.parametrize("where", ["in the training thread", "in a separate process"])
+def test_a_reader_decoding_outside_its_threads_leaves_torch_the_whole_share(monkeypatch, where):
     from tml.core.cpu_threads import thread_tuner
     from tml.core.distributed import DistEnv
 
-    class Inline:
-        decodes_inline = True
+    class Data:
+        decoding = where
 
         def cpu_seconds_per_batch(self):
             return 0.01
@@ -150,21 +151,62 @@ def test_a_reader_decoding_in_the_training_thread_leaves_torch_the_whole_share(m
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     cpu = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
-    assert thread_tuner(1, cpu, Inline()) is None and machine.threads == 1  # training.num_threads set
-    assert thread_tuner(None, cpu, Inline()) is None  # nothing to measure
+    assert thread_tuner(1, cpu, Data()) is None and machine.threads == 1  # training.num_threads set
+    assert thread_tuner(None, cpu, Data()) is None  # nothing to measure
     assert machine.threads == 2
 
 
-def test_auto_decodes_inline_on_up_to_two_cores_without_cuda(monkeypatch):
-    from tml.reader.pipeline import resolve_num_workers
+def test_auto_decoding(monkeypatch):
+    from tml.reader.pipeline import resolve_decoding
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for cores, expected in ((1, 0), (2, 0), (3, 2), (16, 2)):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    for cores, expected in ((1, (0, False)), (2, (0, False)), (3, (2, False)), (16, (2, False))):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert resolve_num_workers(None) == expected
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 16 cores, 8 processes: 2 each
-    assert resolve_num_workers(None) == 0
+        assert resolve_decoding(None, None) == expected
+    # The decoding process where it was measured: 2 cores, and torch's idle threads sleep soon.
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    for cores, expected in ((1, (0, False)), (2, (0, True)), (3, (2, False))):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert resolve_decoding(None, None) == expected
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # idle threads keep the cores: the process would starve
+    assert resolve_decoding(None, None) == (0, False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert resolve_decoding(None, None) == (0, True)
+    assert resolve_decoding(None, False) == (0, False) and resolve_decoding(0, None) == (0, False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # 2 cores each
+    assert resolve_decoding(None, None) == (0, True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_num_workers(None) == 2
-    assert resolve_num_workers(0) == 0 and resolve_num_workers(3) == 3  # a set count wins
+    assert resolve_decoding(None, None) == (2, False) and resolve_decoding(None, False) == (2, False)
+    # What is set wins.
+    assert resolve_decoding(0, None) == (0, False) and resolve_decoding(3, None) == (3, False)
+    assert resolve_decoding(None, True) == (0, True) and resolve_decoding(0, True) == (0, True)
+    with pytest.raises(ValueError, match="num_workers 2 with decode_process"):
+        resolve_decoding(2, True)
+
+
+def test_commands_shorten_the_openmp_spin_only_where_the_decoding_process_may_run(monkeypatch):
+    import sys
+
+    from tml.core import cores
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    assert not cores.shorten_spin_wait() and "GOMP_SPINCOUNT" not in os.environ  # torch is loaded here
+    monkeypatch.delitem(sys.modules, "torch")  # as in a command's first line
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's choice stays
+    assert not cores.shorten_spin_wait() and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # not measured there
+    assert not cores.shorten_spin_wait() and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cores.shorten_spin_wait() and os.environ["GOMP_SPINCOUNT"] == str(cores.SHORT_SPIN)
+    assert cores.spin_wait_is_short()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20")
+    assert not cores.shorten_spin_wait() and os.environ["GOMP_SPINCOUNT"] == "20"

@@ -98,6 +98,7 @@ def test_bad_masks(tmp_path):
         ),
         ({"global_batch_size": 0}, "greater than 0"),
         ({"num_workers": -1}, "greater than or equal to 0"),
+        ({"num_workers": 2, "decode_process": True}, "decode_process: true with num_workers: 2"),
         ({"unknown_key": 1}, "Extra inputs are not permitted"),
     ],
 )

@@ -1,5 +1,6 @@
 """The engine's guarantees, checked through both decoders (ranking RecapBatch-es and TwHIN EdgeBatch-es)
-and both ways of decoding (background threads, num_workers = 2, and the consuming thread, num_workers = 0).
+and every way of decoding (background threads, num_workers = 2; the consuming thread, num_workers = 0; a
+separate process, decode_process).
 
 Every row exactly once per epoch on 1 and several ranks (one dataset per rank in one process), short last
 batches kept, the stream after a resume equal to the tail of the uninterrupted one, and decode errors
@@ -43,8 +44,9 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture(params=[2, 0], ids=["threads", "inline"])
+@pytest.fixture(params=[(2, False), (0, False), (0, True)], ids=["threads", "inline", "process"])
 def workers(request):
+    """(num_workers, decode_process)."""
     return request.param
 
 
@@ -60,12 +62,12 @@ def _dataset(kind, rd, inputs, global_batch_size, workers, rank=0, world_size=1,
     if kind == "ranking":
         config = rd.base_config(
             str(inputs), global_batch_size=global_batch_size, num_epochs=num_epochs,
-            shuffle={"seed": 3, "buffer_size": buffer_size}, num_workers=workers,
+            shuffle={"seed": 3, "buffer_size": buffer_size}, num_workers=workers[0], decode_process=workers[1],
         )  # fmt: skip
         return build_dataset(config, ["click"], rank=rank, world_size=world_size)
     return build_edge_dataset(
         str(inputs), RELATIONS, global_batch_size, rank=rank, world_size=world_size, num_epochs=num_epochs,
-        seed=3, buffer_size=buffer_size, num_workers=workers,
+        seed=3, buffer_size=buffer_size, num_workers=workers[0], decode_process=workers[1],
     )  # fmt: skip
 
 

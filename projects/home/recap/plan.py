@@ -47,7 +47,7 @@ _HOW = {
     "training": {"save_dir", "checkpoint_every_n", "checkpoint_max_to_keep", "train_log_every_n",
                  "num_eval_steps", "eval_every_n", "eval_log_every_n", "device", "backend",
                  "collective_timeout_s", "pipeline", "compile", "profile", "mlflow", "num_threads"},
-    "data": {"num_workers", "prefetch_batches", "skip_unreadable_files"},
+    "data": {"num_workers", "decode_process", "prefetch_batches", "skip_unreadable_files"},
 }  # fmt: skip
 
 

@@ -315,6 +315,7 @@ def build_edge_dataset(
     num_workers: int = 2,
     prefetch_batches: int = 4,
     skip_unreadable_files: bool = False,
+    decode_process: bool = False,
     vocabularies: Sequence[tuple[Vocabulary, Vocabulary]] | None = None,
     offset: int = 0,
     limit: int | None = None,
@@ -335,6 +336,8 @@ def build_edge_dataset(
         buffer_size: rows per row-shuffle window (0: rows keep their order within row groups).
         num_workers / prefetch_batches: decoding threads and ready batches queued ahead.
         skip_unreadable_files: skip (count, log) files that are not Parquet instead of raising.
+        decode_process: a separate process decodes and shuffles instead (num_workers must be 0;
+            tml.reader.decode_process).
         vocabularies: per relation the (lhs, rhs) Vocabulary of string keys; None: integer ids.
         offset / limit: only edges [offset, offset + limit) of the inputs in file order (limit None: to
             the end); batches then hold at most B edges (rows outside are dropped, see the module doc).
@@ -356,6 +359,7 @@ def build_edge_dataset(
         num_workers=num_workers,
         prefetch_batches=prefetch_batches,
         skip_unreadable_files=skip_unreadable_files,
+        decode_process=decode_process,
     )
     if row_range is not None:
         decoder.bind(dataset.plan.inputs)
