@@ -19,10 +19,10 @@ measures, once per process, over the first steps:
    benchmarks/RESULTS.md, "bf16 autocast on AMX", the thread trial);
 3. the faster count is kept (the full share must win by `margin`), and the decision is logged.
 
-A reader that decodes in the training thread (`train_data.num_workers: 0`) or in a separate idle-priority
-process (`train_data.decode_process`), the automatic choices on up to 2 cores (tml.reader.pipeline.
-resolve_decoding), runs no thread beside torch's, so torch gets the whole share at once and nothing is
-measured.
+A reader that decodes in the training thread (`train_data.num_workers: 0`, the automatic choice on up to
+2 cores: tml.reader.pipeline.resolve_decoding) or in a separate idle-priority process
+(`train_data.decode_process`) runs no thread beside torch's, so torch gets the whole share at once and
+nothing is measured.
 
 Windows last at least `window_steps` steps and `window_seconds` of step time (logging, checkpoints and
 evaluations between steps are not counted). A resumed run measures again. The decision depends on timing,

@@ -250,19 +250,17 @@ class DataSource(BaseConfig):
         None,
         ge=0,
         description="Background threads decoding row groups; 0: the consuming (training) thread decodes "
-        "between steps; null: 0 in a process with at most 2 cores and no CUDA device (or the decoding "
-        "process: decode_process), else 2.",
+        "between steps; null: 0 in a process with at most 2 cores and no CUDA device, else 2.",
     )
     prefetch_batches: int = pydantic.Field(
         4, ge=1, description="Capacity of the decoding threads' queue of ready batches (bounds memory)."
     )
     decode_process: bool | None = pydantic.Field(
         None,
-        description="A separate process, at idle priority, decodes and shuffles each window and hands it over "
-        "in shared memory; the training thread only cuts batches (2 windows made ahead). null (with "
-        "num_workers null): on Linux in a process with 2 cores, no CUDA device and torch's OpenMP threads "
-        "set to sleep soon when idle (GOMP_SPINCOUNT <= 10000, which tml-recap sets on such a machine unless "
-        "GOMP_SPINCOUNT or OMP_WAIT_POLICY is set). true excludes num_workers >= 1.",
+        description="true: a separate process, at idle priority, decodes and shuffles each window and hands "
+        "it over in shared memory; the training thread only cuts batches. Start the command with "
+        "GOMP_SPINCOUNT=10000 (torch's idle OpenMP threads then leave it their core). Excludes num_workers "
+        ">= 1. null: false (not automatic: it won for an input-bound model, lost for a compute-bound one).",
     )
     skip_unreadable_files: bool = pydantic.Field(
         False,

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tml.core.config.loader import ConfigError
+from tml.core.cores import SHORT_SPIN, spin_wait_is_short
 from tml.reader.config import DataConfig, DataSource, ValidationDataConfig
 from tml.reader.decoder import DataError, Decoder
 from tml.reader.fs import list_inputs, open_input
@@ -102,6 +103,12 @@ class ParquetDataset(Generic[BatchT]):
             num_workers, decode_process = resolve_decoding(num_workers, decode_process)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if decode_process and not spin_wait_is_short() and rank == 0:
+            logger.warning(
+                "decode_process: torch's idle OpenMP threads spin for libgomp's default time and may starve "
+                "the idle-priority decoding process; start the command with GOMP_SPINCOUNT=%d",
+                SHORT_SPIN,
+            )
         fs, paths = list_inputs(inputs)
         self.stats: dict[str, int] = dict.fromkeys(
             ["files", "unreadable_files", "row_groups", "empty_row_groups", "rows", "rows_read", "batches",

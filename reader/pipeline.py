@@ -35,7 +35,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -45,7 +44,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from tml.core.cores import SHORT_SPIN_CORES, cpu_share, spin_wait_is_short
+from tml.core.cores import cpu_share
 from tml.reader.decode_process import DecodingProcess
 from tml.reader.decoder import Chunk, DataError, Decoder, location
 from tml.reader.fs import open_input
@@ -96,11 +95,11 @@ class Source:
 def resolve_decoding(num_workers: int | None, decode_process: bool | None) -> tuple[int, bool]:
     """(decoding threads, whether a separate process decodes) for the reader's settings, None being auto.
 
-    A set `num_workers` wins over auto. Auto: a separate process (`decode_process` True) where it was
-    measured to win (Linux, this process's share is 2 cores, no CUDA device, and torch's idle OpenMP threads
-    sleep soon: tml.core.cores, set by tml's commands); else the training thread decodes (0 threads) on up to
-    2 cores without CUDA (background threads would take their CPU from torch's OpenMP threads, which wait
-    for each other at every parallel region); else BACKGROUND_WORKERS threads."""
+    `decode_process` true: the process (only with no threads set). Otherwise a set `num_workers` wins, and
+    auto is 0 (the training thread decodes between steps) in a process with at most 2 cores and no CUDA
+    device (background threads would take their CPU from torch's OpenMP threads, which wait for each other
+    at every parallel region), else BACKGROUND_WORKERS threads. Auto never picks the process: it won for an
+    input-bound model and lost for a compute-bound one (benchmarks/RESULTS.md, "End to end")."""
     if decode_process:
         if num_workers:
             raise ValueError(
@@ -109,15 +108,8 @@ def resolve_decoding(num_workers: int | None, decode_process: bool | None) -> tu
         return 0, True
     if num_workers is not None:
         return num_workers, False
-    if cpu_share() > AUTO_INLINE_MAX_CORES or torch.cuda.is_available():
-        return BACKGROUND_WORKERS, False
-    process = (
-        decode_process is None
-        and cpu_share() == SHORT_SPIN_CORES
-        and sys.platform.startswith("linux")
-        and spin_wait_is_short()
-    )
-    return 0, process
+    inline = cpu_share() <= AUTO_INLINE_MAX_CORES and not torch.cuda.is_available()
+    return (0 if inline else BACKGROUND_WORKERS), False
 
 
 def decode_unit(source: Source, unit: Unit) -> tuple[Chunk, dict[str, int]]:

@@ -26,7 +26,6 @@ import tempfile
 import time
 
 import pytest
-import torch  # noqa: F401  (loaded first: an entry module imported by a test leaves its OpenMP settings alone)
 
 _CHILD = """
 import importlib.util, os, pickle, sys

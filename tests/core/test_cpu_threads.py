@@ -161,27 +161,14 @@ def test_auto_decoding(monkeypatch):
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     for cores, expected in ((1, (0, False)), (2, (0, False)), (3, (2, False)), (16, (2, False))):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert resolve_decoding(None, None) == expected
-    # The decoding process where it was measured: 2 cores, and torch's idle threads sleep soon.
-    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
-    for cores, expected in ((1, (0, False)), (2, (0, True)), (3, (2, False))):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert resolve_decoding(None, None) == expected
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # idle threads keep the cores: the process would starve
+        assert resolve_decoding(None, False) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 16 cores, 8 processes: 2 each
     assert resolve_decoding(None, None) == (0, False)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert resolve_decoding(None, None) == (0, True)
-    assert resolve_decoding(None, False) == (0, False) and resolve_decoding(0, None) == (0, False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # 2 cores each
-    assert resolve_decoding(None, None) == (0, True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_decoding(None, None) == (2, False) and resolve_decoding(None, False) == (2, False)
+    assert resolve_decoding(None, None) == (2, False)
     # What is set wins.
     assert resolve_decoding(0, None) == (0, False) and resolve_decoding(3, None) == (3, False)
     assert resolve_decoding(None, True) == (0, True) and resolve_decoding(0, True) == (0, True)
@@ -189,24 +176,15 @@ def test_auto_decoding(monkeypatch):
         resolve_decoding(2, True)
 
 
-def test_commands_shorten_the_openmp_spin_only_where_the_decoding_process_may_run(monkeypatch):
-    import sys
+def test_the_openmp_spin_counts_as_short_when_set_so(monkeypatch):
+    from tml.core.cores import spin_wait_is_short
 
-    from tml.core import cores
-
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
         monkeypatch.delenv(name, raising=False)
-    assert not cores.shorten_spin_wait() and "GOMP_SPINCOUNT" not in os.environ  # torch is loaded here
-    monkeypatch.delitem(sys.modules, "torch")  # as in a command's first line
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's choice stays
-    assert not cores.shorten_spin_wait() and "GOMP_SPINCOUNT" not in os.environ
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # not measured there
-    assert not cores.shorten_spin_wait() and "GOMP_SPINCOUNT" not in os.environ
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert cores.shorten_spin_wait() and os.environ["GOMP_SPINCOUNT"] == str(cores.SHORT_SPIN)
-    assert cores.spin_wait_is_short()
-    monkeypatch.setenv("GOMP_SPINCOUNT", "20")
-    assert not cores.shorten_spin_wait() and os.environ["GOMP_SPINCOUNT"] == "20"
+    assert not spin_wait_is_short()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert spin_wait_is_short()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert not spin_wait_is_short()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert spin_wait_is_short()

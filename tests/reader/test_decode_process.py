@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tml.reader import decode_process
 from tml.reader.dataset import build_dataset
 from tml.reader.decode_process import DecodingProcess
 
@@ -37,6 +38,33 @@ def test_the_process_yields_the_inline_stream_with_its_counters_and_cpu(files, r
     # The process's CPU time is counted per decoded row, as the threads' is.
     assert process._source.cpu.rows == inline._source.cpu.rows == 72
     assert 0 < process.cpu_seconds_per_batch() < 1.0
+
+
+def test_a_long_openmp_spin_is_warned_about(files, rd, monkeypatch, reader_log):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    config = rd.base_config(str(files), num_workers=0, decode_process=True)
+    build_dataset(config, ["click"])
+    assert "start the command with GOMP_SPINCOUNT=10000" in reader_log.text
+    reader_log.clear()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    build_dataset(config, ["click"])
+    assert "GOMP_SPINCOUNT" not in reader_log.text
+
+
+def test_windows_that_find_no_slot_travel_whole(files, rd, monkeypatch):
+    def stream(process):
+        config = rd.base_config(
+            str(files), num_workers=0, decode_process=process, shuffle={"seed": 2, "buffer_size": 16}
+        )
+        return _stream(build_dataset(config, ["click"]))
+
+    expected = stream(False)
+    monkeypatch.setattr(decode_process, "SLOT_BYTES", 256)  # no window fits: each goes through the pipe
+    assert stream(True) == expected
+    monkeypatch.setattr(decode_process, "SLOT_BYTES", 1 << 20)
+    monkeypatch.setattr(decode_process, "SLOTS", 1)  # list() keeps every batch: the one slot stays held
+    assert stream(True) == expected
 
 
 def test_the_process_runs_at_idle_priority_and_ends_on_close(files, rd):

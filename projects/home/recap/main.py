@@ -4,12 +4,7 @@ tml-recap train --config projects/home/recap/config/local.yaml training.num_trai
 torchrun --nproc_per_node=2 -m tml.projects.home.recap.main train --config X.yaml
 """
 
-# ruff: noqa: E402 (torch's OpenMP wait is set before the imports below load torch)
 from __future__ import annotations
-
-from tml.core import cores
-
-cores.shorten_spin_wait()  # on 2 cores, for the reader's decoding process (tml.core.cores)
 
 import argparse
 
