@@ -16,7 +16,7 @@ in the config's schema is written once under --work, then these variants run, ea
   threads or compilation is set, unless --e2e-overrides adds it.
 - `e2e-inline` / `e2e-background` / `e2e-process`: `e2e` with the training thread decoding between steps
   (`train_data.num_workers=0`) / with two background decoding threads (`train_data.num_workers=2`) / with
-  a separate decoding process (`train_data.decode_process=true`).
+  a separate decoding process (`train_data.decode_process=true`, started with GOMP_SPINCOUNT=10000).
 - `e2e-lists`: `e2e` from a copy of the files with the vectors as lists (`tml-pq rewrite --vectors list`)
   instead of packed (tml.reader.vectors, what the generator writes): what packing gains.
 
@@ -65,6 +65,7 @@ READERS = {
     "e2e-background": ("train_data.num_workers=2", "train_data.decode_process=false"),
     "e2e-process": ("train_data.decode_process=true",),
 }
+READER_ENV = {"e2e-process": {"GOMP_SPINCOUNT": "10000"}}  # as docs/reader.md says to start it
 NO_EVALUATION = ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"]
 _SHIM = (
     "import resource, subprocess, sys\n"
@@ -252,9 +253,11 @@ def launch_in_memory(args, path: str, folder: str, mode: str, procs: int) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def launch_e2e(args, path: str, folder: str, procs: int, extra: tuple = ()) -> dict:
+def launch_e2e(
+    args, path: str, folder: str, procs: int, extra: tuple = (), extra_env: dict | None = None
+) -> dict:
     """`tml-recap train` from the Parquet files; examples/s of the windows after the first."""
-    env = {**os.environ, **_env(args.work)}
+    env = {**os.environ, **_env(args.work), **(extra_env or {})}
     env.pop("OMP_NUM_THREADS", None)
     run_dir = os.path.join(args.work, "runs", f"e2e-{os.getpid()}")
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -360,7 +363,14 @@ def main() -> None:
                     if variant == "e2e":
                         result = launch_e2e(args, path, folder, procs)
                     elif variant in READERS:
-                        result = launch_e2e(args, path, folder, procs, extra=READERS[variant])
+                        result = launch_e2e(
+                            args,
+                            path,
+                            folder,
+                            procs,
+                            extra=READERS[variant],
+                            extra_env=READER_ENV.get(variant),
+                        )
                     elif variant == "e2e-lists":
                         result = launch_e2e(args, path, list_copy(folder), procs)
                     else:
