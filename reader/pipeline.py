@@ -1,9 +1,10 @@
-"""Decoding row groups into batches, in background threads or in the consuming thread.
+"""Decoding row groups into batches, in background threads, in the consuming thread or in a separate process.
 
 num_workers >= 1:  decode threads  ->  driver thread (windows, shuffling, batching)  ->  bounded queue  ->  consumer
 num_workers = 0:   the consumer's next() decodes a window when it reaches it, then cuts its batches
-Both run one generator of batches (`_batches`), so the stream is the same, deterministic, either way: row groups
-are decoded in parallel (pyarrow releases the GIL) but consumed in plan order. What a row is stays the
+decode_process:    a forked process makes the windows (tml.reader.decode_process), the consumer's next() cuts
+All run the same two stages, windows (`_blocks`) then batches (`_cut`), so the stream is the same,
+deterministic, every way: row groups are decoded in parallel (pyarrow releases the GIL) but consumed in plan order. What a row is stays the
 decoder's business (tml.reader.decoder): the reader only reads its columns, calls `decode`, cuts, permutes
 and joins chunks with their row operations and calls `to_batch`. At most about 2 x num_workers row groups
 (one with num_workers = 0), one shuffle window and `prefetch_batches` batches are held at a time. An
