@@ -68,8 +68,7 @@ class ParquetDataset(Generic[BatchT]):
         num_workers / prefetch_batches: decoding threads (0: the consuming thread decodes) and ready-batch
             queue size (of the threads).
         decode_process: a separate process decodes and shuffles, the consuming thread cuts batches
-            (tml.reader.decode_process); None with num_workers None: auto for both
-            (tml.reader.pipeline.resolve_decoding).
+            (tml.reader.decode_process); None or False: not (tml.reader.pipeline.resolve_decoding).
         skip_unreadable_files: skip (count, log) files that are not Parquet instead of raising.
 
     `stats` counts files, unreadable files, row groups, rows, rows decoded, batches, and the decoder's own
