@@ -3,7 +3,8 @@
 `run_ranks(fn, world_size, *args)` starts one fresh Python process per rank with RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, loads `fn`'s test file by path (test modules are imported
 with --import-mode=importlib and cannot be pickled by name), calls `fn(*args)` and returns every
-rank's return value (picklable), rank order. A failing rank raises with its stderr; a hang times out.
+rank's return value (picklable), rank order. A failing rank raises with its stderr; a hang times out
+with every still-running rank's Python stacks (faulthandler, on SIGABRT) and output.
 
 Example:
     def _check(tmp):              # module level in a test file
@@ -19,6 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +30,8 @@ import time
 import pytest
 
 _CHILD = """
-import importlib.util, os, pickle, sys
+import faulthandler, importlib.util, os, pickle, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hang's report: conftest's _dump_stacks
 path, name, args_file, out_file = sys.argv[1:5]
 spec = importlib.util.spec_from_file_location("_rank_test_module", path)
 module = importlib.util.module_from_spec(spec)
@@ -104,16 +107,23 @@ def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: di
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_files[-1], stderr=subprocess.STDOUT))
         try:
             _wait(procs, timeout)
+        except TimeoutError as error:
+            _dump_stacks(procs)
+            for log_file in log_files:
+                log_file.flush()
+            tails = "\n".join(
+                f"--- rank {r} ({'running' if p.poll() is None else f'exit {p.returncode}'}) ---\n"
+                + _read(os.path.join(tmp, f"log{r}.txt"))[-6000:]
+                for r, p in enumerate(procs)
+            )
+            raise TimeoutError(f"{error}:\n{tails}") from None
         finally:
             for proc, log_file in zip(procs, log_files, strict=True):
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
                 log_file.close()
-        logs = []
-        for rank in range(world_size):
-            with open(os.path.join(tmp, f"log{rank}.txt"), "rb") as f:
-                logs.append(f.read().decode(errors="replace"))
+        logs = [_read(os.path.join(tmp, f"log{rank}.txt")) for rank in range(world_size)]
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if failed:
             tails = "\n".join(
@@ -128,6 +138,20 @@ def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: di
             with open(os.path.join(tmp, f"out{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode(errors="replace")
+
+
+def _dump_stacks(procs: list[subprocess.Popen], wait: float = 3.0) -> None:
+    """Ask every running rank for its threads' Python stacks (written to its log), and give it `wait`
+    seconds to write them."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+    time.sleep(wait)
 
 
 def _wait(procs: list[subprocess.Popen], timeout: float, grace: float = 3.0) -> None:
