@@ -71,6 +71,9 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Join (or create) the process group and pick this rank's device.
 
+    A process joins one group of several ranks in its life: after `shutdown` it cannot join another (see
+    `_left_a_group`); a single rank can.
+
     Args:
         backend: auto | gloo | nccl (auto: nccl on cuda, gloo on cpu).
         device: auto | cpu | cuda.
@@ -86,6 +89,12 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
     if backend == "nccl" and torch_device.type != "cuda":
         raise ValueError("backend 'nccl' needs a CUDA device")
     timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized() and world_size > 1 and _left_a_group:
+        raise RuntimeError(
+            f"rank {rank} already left a process group of {world_size} ranks in this process; joining a "
+            "new one through the same MASTER_ADDR/MASTER_PORT can meet ranks still in the old one and hang: "
+            "run one distributed job per process (one run_distributed call, as the commands do)"
+        )
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if torch_device.type == "cuda":
@@ -161,6 +170,12 @@ def configure_cpu_threads(requested: int | None, reserved: int = 1) -> int:
 _TORCHREC_GROUP_CACHES = ("_INTRA_PG", "_CROSS_PG", "_INTRA_PG_2D", "_CROSS_PG_2D")
 
 
+# Set once this process has destroyed a group of several ranks. A rank that leaves first and joins again
+# reaches rank 0's old store (same port) before rank 0 has closed it, and both hang (seen in a test that ran
+# two calibrations per process), so init_distributed refuses instead.
+_left_a_group = False
+
+
 def shutdown() -> None:
     """Destroy the process groups if any exist, torchrec's cached ones with them (safe to call twice).
 
@@ -169,8 +184,10 @@ def shutdown() -> None:
     threads run until exit and can abort it ("terminate called without an active exception", seen once
     at the end of a finished 2-process training run).
     """
+    global _left_a_group
     gc.collect()
     if dist.is_initialized():
+        _left_a_group = _left_a_group or dist.get_world_size() > 1
         dist.destroy_process_group()
     comm = sys.modules.get("torchrec.distributed.comm")
     for name in _TORCHREC_GROUP_CACHES:

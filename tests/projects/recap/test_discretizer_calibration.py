@@ -87,7 +87,8 @@ def make_config(data: str, boundaries: str, max_rows: int | None):
 
 
 def _calibrate_all(jobs: list[tuple[str, str, int | None]]) -> None:
-    """Run on each rank: calibrate every (data folder, boundaries file, max_rows) in turn."""
+    """Run on each rank: calibrate every (data folder, boundaries file, max_rows) in turn (several only on
+    one rank: a process joins one group of several ranks, tml.core.distributed.init_distributed)."""
     from tml.core.distributed import run_distributed
     from tml.projects.home.recap.discretizer_calibration import calibrate_discretizer
 
@@ -150,9 +151,8 @@ def test_two_ranks_match_one_and_recalibration_keeps_bin_ids(run_ranks, tmp_path
     b = {name: f"{tmp_path}/{name}.json" for name in ["one", "sample1", "day2", "two", "sample2"]}
     run_ranks(_calibrate_all, 1, [(f"{tmp_path}/day1", b["one"], None), (f"{tmp_path}/day1", b["sample1"], 700),
                                   (f"{tmp_path}/day2", b["day2"], None)])  # fmt: skip
-    run_ranks(
-        _calibrate_all, 2, [(f"{tmp_path}/day1", b["two"], None), (f"{tmp_path}/day1", b["sample2"], 700)]
-    )
+    for boundaries, max_rows in [(b["two"], None), (b["sample2"], 700)]:  # a multi-rank group per process
+        run_ranks(_calibrate_all, 2, [(f"{tmp_path}/day1", boundaries, max_rows)])
     docs = {name: read_boundaries(path) for name, path in b.items()}
 
     # Two ranks read the same rows (the whole data, or the same sample) and merge counts exactly.
