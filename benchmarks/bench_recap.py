@@ -17,6 +17,8 @@ in the config's schema is written once under --work, then these variants run, ea
 - `e2e-inline` / `e2e-background` / `e2e-process`: `e2e` with the training thread decoding between steps
   (`train_data.num_workers=0`) / with two background decoding threads (`train_data.num_workers=2`) / with
   a separate decoding process (`train_data.decode_process=true`, started with GOMP_SPINCOUNT=10000).
+- `e2e-inline-short-spin`: `e2e-inline` started with GOMP_SPINCOUNT=10000: what the short OpenMP spin that
+  the decoding process needs costs by itself.
 - `e2e-lists`: `e2e` from a copy of the files with the vectors as lists (`tml-pq rewrite --vectors list`)
   instead of packed (tml.reader.vectors, what the generator writes): what packing gains.
 
@@ -64,8 +66,10 @@ READERS = {
     "e2e-inline": ("train_data.num_workers=0", "train_data.decode_process=false"),
     "e2e-background": ("train_data.num_workers=2", "train_data.decode_process=false"),
     "e2e-process": ("train_data.decode_process=true",),
+    "e2e-inline-short-spin": ("train_data.num_workers=0", "train_data.decode_process=false"),
 }
-READER_ENV = {"e2e-process": {"GOMP_SPINCOUNT": "10000"}}  # as docs/reader.md says to start it
+SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}  # as docs/reader.md says to start the decoding process
+READER_ENV = {"e2e-process": SHORT_SPIN, "e2e-inline-short-spin": SHORT_SPIN}
 NO_EVALUATION = ["validation_data={}", "training.eval_every_n=null", "training.num_eval_steps=null"]
 _SHIM = (
     "import resource, subprocess, sys\n"
@@ -318,7 +322,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["plain", "core", "e2e"],
-        choices=["plain", "core", "e2e", "e2e-inline", "e2e-background", "e2e-process", "e2e-lists"],
+        choices=["plain", "core", "e2e", *READERS, "e2e-lists"],
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])

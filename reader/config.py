@@ -260,7 +260,7 @@ class DataSource(BaseConfig):
         description="true: a separate process, at idle priority, decodes and shuffles each window and hands "
         "it over in shared memory; the training thread only cuts batches. Start the command with "
         "GOMP_SPINCOUNT=10000 (torch's idle OpenMP threads then leave it their core). Excludes num_workers "
-        ">= 1. null: false (not automatic: the short spin costs the training step about what the process saves it).",
+        ">= 1. null: false (not automatic: with that short spin it was not faster end to end).",
     )
     skip_unreadable_files: bool = pydantic.Field(
         False,

@@ -5,10 +5,10 @@ that the training process only cuts batches from them. On a 2-core machine the t
 then own both cores, and the decoding process, scheduled as SCHED_IDLE, runs in the gaps they leave between
 parallel regions, without sharing the training's GIL or allocator. It needs torch's OpenMP threads to
 sleep soon when idle (tml.core.cores): at libgomp's default spin they fill those gaps and the process
-starves. It is an option, not a default: the short spin it needs costs the training step about as much as
-the decoding it moves out (on 2 vCPUs, 5-8% of tml's loop; likely each parallel region after a sleep waking
-a thread), so end to end it was within 2% of decoding in the training thread for an input-bound model and
-5-7% behind for a compute-bound one (benchmarks/RESULTS.md, "End to end", 2026-12-04).
+starves. It is an option, not a default: the short spin it needs costs the training step by itself (up to 8%
+of tml's loop on 2 vCPUs), and end to end it was 6% behind to 2% ahead of decoding in the training thread
+for an input-bound model and 5-7% behind for a compute-bound one (benchmarks/RESULTS.md, "End to end",
+2026-12-04).
 
 Before forking, the consumer maps SLOTS shared-memory slots of SLOT_BYTES each (anonymous shared mappings,
 so both processes see them; pages are committed only when first written). The process pickles each item

@@ -99,8 +99,8 @@ def resolve_decoding(num_workers: int | None, decode_process: bool | None) -> tu
     `decode_process` true: the process (only with no threads set). Otherwise a set `num_workers` wins, and
     auto is 0 (the training thread decodes between steps) in a process with at most 2 cores and no CUDA
     device (background threads would take their CPU from torch's OpenMP threads, which wait for each other
-    at every parallel region), else BACKGROUND_WORKERS threads. Auto never picks the process: the short OpenMP
-    spin it needs costs the step what it saves (benchmarks/RESULTS.md, "End to end", 2026-12-04)."""
+    at every parallel region), else BACKGROUND_WORKERS threads. Auto never picks the process: with the short
+    OpenMP spin it needs it was not faster end to end (benchmarks/RESULTS.md, "End to end", 2026-12-04)."""
     if decode_process:
         if num_workers:
             raise ValueError(
