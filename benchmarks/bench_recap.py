@@ -62,11 +62,12 @@ SIZES = {
     "prod": {"rows": 12_288, "row_group": 2_048, "batch": 256, "steps": 150, "window": 50},
 }
 # The reader's ways of decoding (tml.reader.pipeline), whatever the default picks.
+INLINE = ("train_data.num_workers=0", "train_data.decode_process=false")
 READERS = {
-    "e2e-inline": ("train_data.num_workers=0", "train_data.decode_process=false"),
+    "e2e-inline": INLINE,
     "e2e-background": ("train_data.num_workers=2", "train_data.decode_process=false"),
     "e2e-process": ("train_data.decode_process=true",),
-    "e2e-inline-short-spin": ("train_data.num_workers=0", "train_data.decode_process=false"),
+    "e2e-inline-short-spin": INLINE,
 }
 SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}  # as docs/reader.md says to start the decoding process
 READER_ENV = {"e2e-process": SHORT_SPIN, "e2e-inline-short-spin": SHORT_SPIN}

@@ -89,13 +89,13 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
     if backend == "nccl" and torch_device.type != "cuda":
         raise ValueError("backend 'nccl' needs a CUDA device")
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized() and world_size > 1 and _left_a_group:
-        raise RuntimeError(
-            f"rank {rank} already left a process group of {world_size} ranks in this process; joining a "
-            "new one through the same MASTER_ADDR/MASTER_PORT can meet ranks still in the old one and hang: "
-            "run one distributed job per process (one run_distributed call, as the commands do)"
-        )
     if not dist.is_initialized():
+        if world_size > 1 and _left_a_group:
+            raise RuntimeError(
+                f"rank {rank} already left a process group of {world_size} ranks in this process; joining "
+                "a new one through the same MASTER_ADDR/MASTER_PORT can meet ranks still in the old one and "
+                "hang: run one distributed job per process (one run_distributed call, as the commands do)"
+            )
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if torch_device.type == "cuda":
             kwargs["device_id"] = torch_device

@@ -4,7 +4,7 @@
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, loads `fn`'s test file by path (test modules are imported
 with --import-mode=importlib and cannot be pickled by name), calls `fn(*args)` and returns every
 rank's return value (picklable), rank order. A failing rank raises with its stderr; a hang times out
-with every still-running rank's Python stacks (faulthandler, on SIGABRT) and output.
+with every still-running rank's Python stacks (faulthandler, on SIGUSR1) and output.
 
 Example:
     def _check(tmp):              # module level in a test file
@@ -109,13 +109,8 @@ def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: di
             _wait(procs, timeout)
         except TimeoutError as error:
             _dump_stacks(procs)
-            for log_file in log_files:
-                log_file.flush()
-            tails = "\n".join(
-                f"--- rank {r} ({'running' if p.poll() is None else f'exit {p.returncode}'}) ---\n"
-                + _read(os.path.join(tmp, f"log{r}.txt"))[-6000:]
-                for r, p in enumerate(procs)
-            )
+            logs = [_read(os.path.join(tmp, f"log{rank}.txt")) for rank in range(world_size)]
+            tails = "\n".join(_report(r, procs[r], logs[r], 6000) for r in range(world_size))
             raise TimeoutError(f"{error}:\n{tails}") from None
         finally:
             for proc, log_file in zip(procs, log_files, strict=True):
@@ -126,9 +121,7 @@ def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: di
         logs = [_read(os.path.join(tmp, f"log{rank}.txt")) for rank in range(world_size)]
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if failed:
-            tails = "\n".join(
-                f"--- rank {r} (exit {procs[r].returncode}) ---\n{logs[r][-4000:]}" for r in failed
-            )
+            tails = "\n".join(_report(r, procs[r], logs[r], 4000) for r in failed)
             taken = any(
                 "EADDRINUSE" in logs[r] or "address already in use" in logs[r].lower() for r in failed
             )
@@ -143,6 +136,12 @@ def _launch_once(fn, world_size: int, args: tuple, timeout: float, extra_env: di
 def _read(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode(errors="replace")
+
+
+def _report(rank: int, proc: subprocess.Popen, log: str, tail: int) -> str:
+    """A rank's state (running or its exit code) and the last `tail` characters of its output."""
+    state = "running" if proc.poll() is None else f"exit {proc.returncode}"
+    return f"--- rank {rank} ({state}) ---\n{log[-tail:]}"
 
 
 def _dump_stacks(procs: list[subprocess.Popen], wait: float = 3.0) -> None:
