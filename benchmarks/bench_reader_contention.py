@@ -7,11 +7,14 @@ pipeline and the config's optimizers, no logging), is fed, in rotation and `--re
 - `fresh`: as many distinct batches as a run takes, decoded before timing (is it the data's novelty?);
 - `reader`: the live reader (tml.reader's background threads, `num_workers: 2` whatever the default picks)
   over the same Parquet files;
+- `inline`: the live reader decoding in the training thread between steps (`num_workers: 0`: what the
+  default picks on a machine of at most 2 cores; `--sources` to include it);
 - `idle`: the same with its threads scheduled as Linux's SCHED_IDLE (a prototype, not in tml.reader: they then
   run only on cores nothing else wants, so torch's OpenMP threads take theirs back at once; `--sources` to
   include it);
 - `process`: the live reader decoding in its separate idle-priority process (`decode_process: true`,
   tml.reader.decode_process; `--sources` to include it; until 2026-12-03 a prototype of it).
+`--precision` is bench_recap.py's (`auto`: bf16 autocast where tml's auto picks it, on CPUs with AMX).
 `--omp-spin N` sets libgomp's GOMP_SPINCOUNT for this process (read once, when torch loads): how long
 torch's idle OpenMP threads spin before they sleep and leave their core to others.
 It also prints the reader's CPU per batch while it decodes the `fresh` batches (first calls included), and
@@ -21,7 +24,7 @@ of the reader's threads (Linux's /proc/self/task).
 Data: bench_recap.py's files (written when missing).
 
     python benchmarks/bench_reader_contention.py [--config local] [--steps 280] [--repeat 3] [--threads 2]
-        [--loop plain] [--sources cycled fresh reader idle process] [--omp-spin N]
+        [--loop plain] [--sources cycled fresh reader inline idle process] [--precision auto] [--omp-spin N]
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def main() -> None:
         "--sources",
         nargs="+",
         default=["cycled", "fresh", "reader"],
-        choices=["cycled", "fresh", "reader", "idle", "process"],
+        choices=["cycled", "fresh", "reader", "inline", "idle", "process"],
     )
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--omp-spin", type=int, help="GOMP_SPINCOUNT of this process (default: libgomp's)")
     args = parser.parse_args()
     if args.omp_spin is not None:
@@ -93,6 +97,7 @@ def main() -> None:
     in_process = build_dataset(
         data.model_copy(update={"num_workers": 0, "decode_process": True}), task_names(config), 0, 1
     )
+    inline = build_dataset(data.model_copy(update={"num_workers": 0}), task_names(config), 0, 1)
     iterator = iter(dataset)
     fresh = [next(iterator) for _ in range(args.steps)]
     iterator.close()
@@ -100,7 +105,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     trainer = plain_loop if args.loop == "plain" else bench_recap.core_trainer
-    train_on = trainer(config, build_sharded(config, env), env)
+    bf16 = bench_recap.wants_bf16(args.precision)
+    train_on = trainer(config, build_sharded(config, env), env, bf16)
 
     def run(batches, cpu: list | None = None) -> float:
         before = thread_cpu()
@@ -121,6 +127,7 @@ def main() -> None:
         "cycled": lambda: itertools.cycle(fresh[:8]),
         "fresh": lambda: iter(fresh),
         "reader": live,
+        "inline": lambda: live(dataset=inline),
         "idle": lambda: live(idle=True),
         "process": lambda: live(dataset=in_process),
     }
@@ -134,7 +141,7 @@ def main() -> None:
         for name in names[turn:] + names[:turn]:  # rotated order
             rates[name].append(run(sources[name](), cpu[name]))
     spin = f", GOMP_SPINCOUNT {args.omp_spin}" if args.omp_spin is not None else ""
-    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {args.threads} torch thread(s){spin}, "
+    print(f"{args.config}.yaml, batch {batch_size}, {args.loop} loop, {'bf16' if bf16 else 'fp32'}, {args.threads} torch thread(s){spin}, "
           f"{args.steps} steps x {args.repeat}; the reader, decoding the fresh batches: {reader_ms:.2f} ms of CPU per batch")  # fmt: skip
     for name, values in rates.items():
         ratios = [value / base for value, base in zip(values, rates["cycled"], strict=True)]
@@ -174,9 +181,9 @@ def cpu_by_role(before: dict[int, float], after: dict[int, float]) -> list[float
     return used
 
 
-def plain_loop(config, sharded, env):
-    """train(batches, steps): bench_recap's plain step on each batch."""
-    step = bench_recap.plain_step(config, sharded)
+def plain_loop(config, sharded, env, bf16: bool = False):
+    """train(batches, steps): bench_recap's plain step on each batch (under bf16 autocast if `bf16`)."""
+    step = bench_recap.plain_step(config, sharded, bf16)
 
     def train(batches, steps: int) -> None:
         for _, batch in zip(range(steps), batches, strict=False):
