@@ -6,6 +6,7 @@ import gc
 import subprocess
 import sys
 import threading
+import weakref
 
 import fsspec
 import numpy as np
@@ -221,3 +222,18 @@ def test_inline_decoding_yields_the_threads_stream_in_the_calling_thread(files, 
     iterator.close()
     with pytest.raises(StopIteration):
         next(iterator)
+
+
+def test_a_batch_the_consumer_dropped_is_freed_mid_window(files, rd):
+    # The stream keeps no batch it handed out: a decoding process's slot, and a window's memory, are freed
+    # with their last view.
+    config = rd.base_config(
+        str(files), num_workers=0, global_batch_size=2, shuffle={"seed": 1, "buffer_size": 16}
+    )
+    iterator = iter(build_dataset(config, ["click"]))
+    batch = next(iterator)
+    taken = weakref.ref(batch)
+    del batch
+    assert taken() is None
+    next(iterator)  # the same window goes on
+    iterator.close()
